@@ -1,0 +1,314 @@
+"""Datasets, checks, splits and datalists.
+
+A dataset is a folder in the Medical Segmentation Decathlon layout::
+
+    <dataset_dir>/dataset.json       {"name", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},
+                                      "training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...],
+                                      "test": ["./imagesTs/y.nii.gz", ...]}
+    <dataset_dir>/imagesTr/*.nii.gz
+    <dataset_dir>/labelsTr/*.nii.gz
+
+Only the labelled ``training`` cases are used. They are split deterministically (seeded) into 70 %
+for training + validation and 30 % for test, as in the paper; a run then takes ``n_train`` training
+cases and ``n_val`` validation cases from the 70 %. The split is written as a datalist JSON beside the
+run's outputs (``datalist.json``) so every run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "read_decathlon",
+    "check_case",
+    "check_cases",
+    "split_cases",
+    "make_datalist",
+    "load_datalist",
+    "list_images",
+]
+
+logger = logging.getLogger(__name__)
+
+_AFFINE_ATOL = 1e-3  # mm; voxel grids closer than this are the same grid
+
+
+class DataError(ValueError):
+    """A dataset problem, named with the file it concerns."""
+
+
+def _case_id(path: str) -> str:
+    name = os.path.basename(path)
+    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0]
+
+
+def read_decathlon(dataset_dir: str) -> dict[str, Any]:
+    """Read ``dataset.json``; returns it with ``training`` entries made absolute, each with a ``case`` id.
+
+    Raises:
+        DataError: no such folder, no or unreadable ``dataset.json``, no labelled cases, missing files.
+    """
+    if not dataset_dir or not os.path.isdir(dataset_dir):
+        raise DataError(f"Dataset folder {dataset_dir!r} does not exist.")
+    meta_path = os.path.join(dataset_dir, "dataset.json")
+    if not os.path.isfile(meta_path):
+        raise DataError(
+            f"{meta_path} not found: a dataset folder needs a dataset.json in the Medical Segmentation Decathlon "
+            f"layout (see tools/prepare_data.py or make it with tools/make_synthetic.py)."
+        )
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{meta_path} cannot be read as JSON: {err}") from err
+    training = meta.get("training")
+    if not isinstance(training, list) or not training:
+        raise DataError(f"{meta_path} has no labelled cases: its 'training' list is missing or empty.")
+    cases = []
+    missing = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DataError(f"{meta_path}: training entry {i} needs 'image' and 'label', got {entry!r}.")
+        item = {k: os.path.normpath(os.path.join(dataset_dir, entry[k])) for k in ("image", "label")}
+        for k in ("image", "label"):
+            if not os.path.isfile(item[k]):
+                missing.append(item[k])
+        item["case"] = _case_id(item["image"])
+        cases.append(item)
+    if missing:
+        raise DataError(
+            f"{meta_path} lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}"
+            + (f" and {missing[1]}" if len(missing) > 1 else "")
+            + "."
+        )
+    ids = [c["case"] for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"{meta_path}: case names repeat: {dup[:5]}.")
+    meta = dict(meta)
+    meta["training"] = cases
+    meta["dataset_dir"] = os.path.abspath(dataset_dir)
+    return meta
+
+
+def _load_header(path: str):
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except Exception as err:
+        raise DataError(f"{path} cannot be read as an image: {err}") from err
+
+
+def check_case(case: dict[str, str], num_classes: int, check_values: bool = True) -> dict[str, Any]:
+    """Check one labelled case; returns ``{"shape", "spacing", "labels"}``.
+
+    Checks: both files readable, image 3-D (or 4-D with one channel), the label on the same voxel
+    grid (shape and affine), label values integers within ``0 .. num_classes-1``, no NaN/inf image voxels.
+
+    Raises:
+        DataError: naming the file and the problem.
+    """
+    img = _load_header(case["image"])
+    lab = _load_header(case["label"])
+    ishape, lshape = tuple(img.shape), tuple(lab.shape)
+    if len(ishape) == 4 and ishape[3] == 1:
+        ishape = ishape[:3]
+    if len(ishape) != 3:
+        raise DataError(f"{case['image']}: expected a 3-D image, got shape {tuple(img.shape)}.")
+    if len(lshape) == 4 and lshape[3] == 1:
+        lshape = lshape[:3]
+    if lshape != ishape:
+        raise DataError(
+            f"{case['label']}: label shape {tuple(lab.shape)} differs from image shape {tuple(img.shape)} "
+            f"({case['image']})."
+        )
+    if not np.allclose(img.affine, lab.affine, atol=_AFFINE_ATOL):
+        raise DataError(
+            f"{case['label']}: label affine differs from the image's ({case['image']}); image and label must "
+            f"share one voxel grid.\nimage affine:\n{np.round(img.affine, 4)}\nlabel affine:\n{np.round(lab.affine, 4)}"
+        )
+    info: dict[str, Any] = {"shape": ishape, "spacing": tuple(float(s) for s in img.header.get_zooms()[:3])}
+    if check_values:
+        try:
+            labels = np.asarray(lab.dataobj)
+            image = np.asarray(img.dataobj)
+        except Exception as err:  # truncated or corrupt data
+            raise DataError(f"{case['image']} / {case['label']}: cannot read voxel data: {err}") from err
+        values = np.unique(labels)
+        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
+        if bad:
+            raise DataError(
+                f"{case['label']}: label values {bad[:5]} are outside the declared classes 0..{num_classes - 1}."
+            )
+        if not np.isfinite(image).all():
+            raise DataError(f"{case['image']}: {int((~np.isfinite(image)).sum())} voxels are NaN or inf.")
+        info["labels"] = [int(v) for v in values]
+        if values.max(initial=0) == 0:
+            logger.warning("%s: the label is all background.", case["label"])
+    return info
+
+
+def check_cases(cases: Sequence[dict[str, str]], num_classes: int, check_values: bool = True) -> dict[str, Any]:
+    """Check every case (see :func:`check_case`); returns a summary with the count of all-background labels."""
+    n_empty = 0
+    for case in cases:
+        info = check_case(case, num_classes, check_values)
+        if check_values and max(info["labels"]) == 0:
+            n_empty += 1
+    if n_empty:
+        logger.warning("%d of %d labels are all background.", n_empty, len(cases))
+    return {"n_cases": len(cases), "n_all_background": n_empty}
+
+
+def split_cases(
+    cases: Sequence[dict[str, str]], seed: int = 0, test_fraction: float = 0.3
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Deterministic split into (train+validation pool, test).
+
+    Cases are sorted by id, shuffled with ``random.Random(seed)`` and the last
+    ``round(test_fraction * n)`` (at least 1 when there are 2+ cases) form the test set; the result does
+    not depend on the order of ``dataset.json``.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+    ordered = sorted(cases, key=lambda c: c["case"])
+    random.Random(seed).shuffle(ordered)
+    n_test = int(round(test_fraction * len(ordered)))
+    if test_fraction > 0 and len(ordered) >= 2:
+        n_test = max(1, n_test)
+    n_pool = len(ordered) - n_test
+    return ordered[:n_pool], ordered[n_pool:]
+
+
+def make_datalist(
+    dataset_dir: str,
+    output_dir: str | None = None,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    num_classes: int = 2,
+    check: bool = True,
+    filename: str = "datalist.json",
+) -> dict[str, Any]:
+    """Read, check and split a dataset; write the datalist JSON to ``output_dir``.
+
+    Args:
+        dataset_dir: a Decathlon-layout folder.
+        output_dir: where ``datalist.json`` is written (None: not written).
+        n_train: training cases taken from the 70 % pool (None: all that remain after validation).
+        n_val: validation cases taken from the pool (None: ``max(1, round(0.2 * pool))``, 0 when the pool has 1 case).
+        seed: the split's seed (recorded in the datalist).
+        test_fraction: the test share (the paper: 0.3).
+        num_classes: classes including background, for the label check.
+        check: check every case before training (shape/affine/label values/NaN).
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...], "seed", "dataset_dir", ...}``; each case is
+        ``{"image", "label", "case"}`` with absolute paths.
+
+    Raises:
+        DataError: bad dataset (see :func:`read_decathlon`, :func:`check_case`) or ``n_train`` larger than available.
+    """
+    meta = read_decathlon(dataset_dir)
+    cases = meta["training"]
+    pool, test = split_cases(cases, seed=seed, test_fraction=test_fraction)
+    if n_val is None:
+        n_val = max(1, int(round(0.2 * len(pool)))) if len(pool) > 1 else 0
+    if n_val < 0 or (n_val > 0 and n_val >= len(pool)):
+        raise DataError(
+            f"{dataset_dir}: n_val={n_val} leaves no training case in the train+validation pool of {len(pool)} cases."
+        )
+    val, rest = pool[:n_val], pool[n_val:]
+    if n_train is None:
+        n_train = len(rest)
+    if n_train < 1:
+        raise DataError(f"{dataset_dir}: n_train must be >= 1, got {n_train}.")
+    if n_train > len(rest):
+        raise DataError(
+            f"{dataset_dir}: n_train={n_train} but only {len(rest)} training cases are available "
+            f"({len(cases)} labelled cases: {len(pool)} in the 70 % train+validation pool, {n_val} of them for validation, "
+            f"{len(test)} for test)."
+        )
+    train = rest[:n_train]
+    summary = {}
+    if check:
+        summary = check_cases(train + val + test, num_classes)
+    datalist = {
+        "dataset_dir": meta["dataset_dir"],
+        "name": meta.get("name", os.path.basename(os.path.normpath(dataset_dir))),
+        "modality": meta.get("modality", {}),
+        "labels": meta.get("labels", {}),
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "n_train": n_train,
+        "n_val": n_val,
+        "checks": summary,
+        "training": train,
+        "validation": val,
+        "test": test,
+    }
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, filename)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(datalist, f, indent=2)
+        os.replace(tmp, path)
+        logger.info(
+            "Datalist %s: %d training, %d validation, %d test cases (seed %d).", path, len(train), len(val), len(test), seed
+        )
+    return datalist
+
+
+def load_datalist(path: str) -> dict[str, Any]:
+    """Read a datalist JSON written by :func:`make_datalist` (clear error when missing or malformed)."""
+    if not os.path.isfile(path):
+        raise DataError(f"Datalist {path} not found.")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"Datalist {path} cannot be read as JSON: {err}") from err
+    for key in ("training", "validation", "test"):
+        if key not in d:
+            raise DataError(f"Datalist {path} has no '{key}' list.")
+    return d
+
+
+def list_images(source: str | Sequence[str]) -> list[dict[str, str]]:
+    """Images to segment: a folder (every ``.nii``/``.nii.gz`` in it), a datalist/dataset JSON (its test
+    cases, else its training cases) or a list of paths. Returns ``[{"image": path}, ...]``.
+    """
+    if isinstance(source, (list, tuple)):
+        paths = list(source)
+    elif os.path.isdir(source):
+        paths = sorted(
+            os.path.join(source, f) for f in os.listdir(source) if f.endswith((".nii.gz", ".nii"))
+        )
+    elif os.path.isfile(source) and source.endswith(".json"):
+        with open(source) as f:
+            d = json.load(f)
+        base = os.path.dirname(os.path.abspath(source))
+        entries = d.get("test") or d.get("training") or []
+        paths = [e["image"] if isinstance(e, dict) else e for e in entries]
+        paths = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in paths]
+    else:
+        raise DataError(f"Input {source!r} is neither a folder of NIfTI images, a JSON datalist nor a list of paths.")
+    if not paths:
+        raise DataError(f"Input {source!r} holds no images.")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"Image {missing[0]} does not exist ({len(missing)} missing in {source!r}).")
+    return [{"image": p} for p in paths]

@@ -1,0 +1,323 @@
+"""The paper's 3D FCN (Karimi et al., Fig. 1) and the V-Net alternative.
+
+The FCN is written after the authors' published TensorFlow network (``davood_net``), recounted in
+``DESIGN.md`` §2:
+
+* 4 resolution levels, widths ``f, 2f, 4f, 8f`` with ``f = 14``; no pooling: every downsampling is a
+  3x3x3 convolution with stride 2; no normalisation layers; every convolution has a bias, a ReLU
+  and dropout (keep-probability 0.9 while training).
+* Encoder level 0: one 3x3x3 convolution ``in_channels -> f``. Encoder level ``L >= 1`` (the dense
+  multi-scale connections): the channel concatenation of the raw input brought down by ``L`` stride-2
+  convolutions (``in -> f``, then ``f -> f``) and of the output of every shallower level ``r < L``
+  brought down by its own chain of ``L - r`` stride-2 convolutions that keep that level's width
+  ``f * 2**r``. The widths add up to ``f * 2**L``.
+* Every level then applies two residual blocks of two convolutions:
+  ``x1 = conv(conv(x0)) + x0`` and ``x2 = conv(conv(x1)) + x1 + x0``.
+  Encoder convolutions per level: 5, 6, 9, 13 = 33.
+* Decoder at levels 2, 1, 0: stride-2 transposed 3x3x3 convolution halving the channels (+ReLU),
+  concatenation with the encoder output of that level, one 3x3x3 convolution
+  (``112 -> 112``, ``84 -> 56``, ``42 -> 28`` for ``f = 14``) and the same two residual blocks:
+  6 convolutions per level = 18.
+* Head: 3x3x3 convolution ``2f -> out_channels`` giving logits (softmax is applied by the loss and
+  the post-processing, the MONAI convention).
+* Initialisation: He, ``std = sqrt(2 / n)`` with ``n = c_in * 27``, drawn from a normal distribution
+  truncated at +-2 std as in the authors' code; biases 0.001. Plain (untruncated) He init makes the
+  untrained logits large enough to saturate the softmax; see ``tests/test_networks.py``.
+
+Probe points (the six layers the paper analyses, Fig. 1): ``encoder-1..3`` are the outputs of encoder
+levels 0, 1, 2 and ``decoder-1..3`` the outputs of decoder levels 2, 1, 0 (deepest first), so that
+``encoder-3`` and ``decoder-1`` are the two most intermediate layers, as in the paper's Table VII.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "ConvUnit",
+    "ResidualPair",
+    "EncoderLevel",
+    "DecoderLevel",
+    "KarimiFCN",
+    "PROBE_NAMES",
+    "he_truncated_normal_",
+    "count_convs",
+    "build_network",
+]
+
+PROBE_NAMES = ("encoder-1", "encoder-2", "encoder-3", "decoder-1", "decoder-2", "decoder-3")
+
+
+def he_truncated_normal_(module: nn.Module, bias: float = 0.001) -> None:
+    """He initialisation drawn as the authors draw it: truncated normal (cut at +-2 std).
+
+    ``std = sqrt(2 / n)`` with ``n = c_in * prod(kernel_size)``, the number of connections from the
+    previous layer to one output voxel. Applies to ``Conv3d`` and ``ConvTranspose3d`` modules; the
+    bias is set to ``bias``.
+    """
+    if isinstance(module, nn.ConvTranspose3d):
+        c_in = module.in_channels
+    elif isinstance(module, nn.Conv3d):
+        c_in = module.in_channels // module.groups
+    else:
+        return
+    fan_in = c_in * math.prod(module.kernel_size)
+    std = math.sqrt(2.0 / fan_in)
+    nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+    if module.bias is not None:
+        nn.init.constant_(module.bias, bias)
+
+
+class ConvUnit(nn.Sequential):
+    """3x3x3 convolution (with bias) -> ReLU -> dropout.
+
+    Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D/stride, H/stride, W/stride)``.
+    With ``transposed=True`` the convolution is a stride-2 transposed convolution that doubles
+    each spatial size exactly.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.1, transposed: bool = False
+    ) -> None:
+        if transposed:
+            conv: nn.Module = nn.ConvTranspose3d(
+                in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=True
+            )
+        else:
+            conv = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=True)
+        super().__init__(OrderedDict(conv=conv, act=nn.ReLU(inplace=True), drop=nn.Dropout(dropout)))
+
+
+class ResidualPair(nn.Module):
+    """Two residual blocks of two convolutions each, at constant width ``channels``.
+
+    ``x1 = conv(conv(x0)) + x0`` and ``x2 = conv(conv(x1)) + x1 + x0``; returns ``x2``.
+    """
+
+    def __init__(self, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(ConvUnit(channels, channels, dropout=dropout), ConvUnit(channels, channels, dropout=dropout))
+        self.block2 = nn.Sequential(ConvUnit(channels, channels, dropout=dropout), ConvUnit(channels, channels, dropout=dropout))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x1 = self.block1(x0) + x0
+        return self.block2(x1) + x1 + x0
+
+
+def _down_chain(in_channels: int, width: int, steps: int, dropout: float) -> nn.Sequential:
+    """``steps`` stride-2 convolutions: ``in_channels -> width`` then ``width -> width``."""
+    layers = [ConvUnit(in_channels if i == 0 else width, width, stride=2, dropout=dropout) for i in range(steps)]
+    return nn.Sequential(*layers)
+
+
+class EncoderLevel(nn.Module):
+    """Encoder level ``level`` of the FCN.
+
+    Level 0 applies one convolution ``in_channels -> f`` to the image. Level ``L >= 1`` concatenates
+    the image brought down by ``L`` stride-2 convolutions (``f`` channels) and each shallower level's
+    output ``r < L`` brought down by ``L - r`` stride-2 convolutions (``f * 2**r`` channels). Both
+    then apply :class:`ResidualPair` at width ``f * 2**L``.
+
+    ``forward(image, shallower)`` takes the network input ``(B, C_in, D, H, W)`` and the list of the
+    outputs of levels ``0 .. L-1``; it returns ``(B, f * 2**L, D / 2**L, H / 2**L, W / 2**L)``.
+    """
+
+    def __init__(self, level: int, in_channels: int, features: int, dropout: float) -> None:
+        super().__init__()
+        self.level = level
+        self.width = features * 2**level
+        if level == 0:
+            self.image_path: nn.Module = ConvUnit(in_channels, features, dropout=dropout)
+        else:
+            self.image_path = _down_chain(in_channels, features, level, dropout)
+        self.level_paths = nn.ModuleList(
+            [_down_chain(features * 2**r, features * 2**r, level - r, dropout) for r in range(level)]
+        )
+        self.residual = ResidualPair(self.width, dropout)
+
+    def forward(self, image: torch.Tensor, shallower: list[torch.Tensor]) -> torch.Tensor:
+        parts = [self.image_path(image)]
+        for r, path in enumerate(self.level_paths):
+            parts.append(path(shallower[r]))
+        x0 = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.residual(x0)
+
+
+class DecoderLevel(nn.Module):
+    """Decoder level: upsample ``in_channels -> in_channels // 2`` by a stride-2 transposed
+    convolution, concatenate the encoder output of the same level (``skip_channels``), one
+    convolution to ``out_channels`` and :class:`ResidualPair`.
+
+    Shapes: ``(B, in_channels, d, h, w)`` and skip ``(B, skip_channels, 2d, 2h, 2w)`` ->
+    ``(B, out_channels, 2d, 2h, 2w)``.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, dropout: float) -> None:
+        super().__init__()
+        self.up = ConvUnit(in_channels, in_channels // 2, dropout=dropout, transposed=True)
+        self.fuse = ConvUnit(in_channels // 2 + skip_channels, out_channels, dropout=dropout)
+        self.residual = ResidualPair(out_channels, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.up(x), skip], dim=1)
+        return self.residual(self.fuse(x))
+
+
+class KarimiFCN(nn.Module):
+    """The paper's Fig. 1 FCN (see the module docstring for the topology).
+
+    Args:
+        in_channels: image channels (1 for the paper's single-modality tasks).
+        out_channels: output classes including background (2 for a binary task).
+        features: width of the first level (the paper: 14).
+        levels: number of resolution levels (the paper: 4).
+        dropout: dropout probability of every convolution (the paper: 0.1, keep-probability 0.9).
+
+    Input ``(B, in_channels, D, H, W)`` with each of ``D, H, W`` divisible by ``2**(levels-1)``;
+    output logits ``(B, out_channels, D, H, W)``. With ``levels=4, features=14, in=1, out=2`` there
+    are 33 encoder convolutions, 18 decoder convolutions, a head, and 4,656,976 parameters
+    (1,997,758 in the encoder).
+    """
+
+    def __init__(
+        self, in_channels: int = 1, out_channels: int = 2, features: int = 14, levels: int = 4, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"KarimiFCN needs at least 2 levels, got levels={levels}.")
+        if in_channels < 1 or out_channels < 1 or features < 1:
+            raise ValueError(
+                f"in_channels, out_channels and features must be positive, got {in_channels}, {out_channels}, {features}."
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.features = features
+        self.levels = levels
+        self.divisor = 2 ** (levels - 1)
+        #: When True the encoder runs under ``torch.no_grad()`` (set by ``common.transfer``).
+        self.encoder_frozen = False
+
+        self.encoder = nn.ModuleList([EncoderLevel(L, in_channels, features, dropout) for L in range(levels)])
+        decoder = []
+        in_ch = features * 2 ** (levels - 1)
+        for L in range(levels - 2, -1, -1):
+            skip = features * 2**L
+            out_ch = 2 * features * 2**L
+            decoder.append(DecoderLevel(in_ch, skip, out_ch, dropout))
+            in_ch = out_ch
+        self.decoder = nn.ModuleList(decoder)
+        self.head = nn.Conv3d(in_ch, out_channels, 3, padding=1, bias=True)
+        self.apply(he_truncated_normal_)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5:
+            raise ValueError(
+                f"KarimiFCN expects a 5-D input (batch, channels, D, H, W), got shape {list(x.shape)}."
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"KarimiFCN was built for {self.in_channels} input channel(s), got {x.shape[1]} (shape {list(x.shape)})."
+            )
+        for s in x.shape[2:]:
+            if s % self.divisor != 0:
+                raise ValueError(
+                    f"KarimiFCN with {self.levels} levels needs every spatial size divisible by {self.divisor}, "
+                    f"got {list(x.shape[2:])}; pad or crop the block (e.g. 96^3 or 48^3)."
+                )
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run the encoder; returns the outputs of every level, shallowest first."""
+        feats: list[torch.Tensor] = []
+        for level in self.encoder:
+            feats.append(level(x, feats))
+        return feats
+
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Run the decoder and head on the encoder outputs; returns logits."""
+        x = feats[-1]
+        n = len(feats)
+        for i, level in enumerate(self.decoder):
+            x = level(x, feats[n - 2 - i])
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.encoder_frozen:
+            with torch.no_grad():
+                feats = self.encode(x)
+        else:
+            feats = self.encode(x)
+        return self.decode(feats)
+
+    # ------------------------------------------------------------------ parameter groups
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the encoder section (33 convolutions for the paper's 4 levels)."""
+        return self.encoder.parameters()
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the decoder section and the output head."""
+        yield from self.decoder.parameters()
+        yield from self.head.parameters()
+
+    def conv_layers(self) -> list[tuple[str, nn.Module]]:
+        """All convolution modules (encoder, decoder, head) in forward order, with their names."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+
+    def last_layers(self, k: int = 2) -> list[nn.Module]:
+        """The last ``k`` convolution layers in forward order (``k=2``: the head and the last decoder conv)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        return [m for _, m in self.conv_layers()[-k:]]
+
+    def head_names(self) -> tuple[str, ...]:
+        """State-dict keys of the output head (re-initialised when the class count changes)."""
+        return ("head.weight", "head.bias")
+
+    # ------------------------------------------------------------------ probe points
+    def probe_modules(self) -> "OrderedDict[str, nn.Module]":
+        """The paper's six analysed layers: name -> module whose output is the representation."""
+        enc = [self.encoder[i].residual for i in range(min(3, self.levels - 1))]
+        dec = [self.decoder[i].residual for i in range(min(3, len(self.decoder)))]
+        named = [(f"encoder-{i + 1}", m) for i, m in enumerate(enc)] + [(f"decoder-{i + 1}", m) for i, m in enumerate(dec)]
+        return OrderedDict(named)
+
+    def probe_filters(self) -> "OrderedDict[str, nn.Conv3d]":
+        """For each probe point, the last convolution producing it (for filter pictures, Figs. 8-9)."""
+        return OrderedDict((name, mod.block2[1].conv) for name, mod in self.probe_modules().items())
+
+
+def count_convs(module: nn.Module) -> int:
+    """Number of ``Conv3d`` / ``ConvTranspose3d`` modules inside ``module``."""
+    return sum(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in module.modules())
+
+
+def build_network(
+    name: str = "karimi_fcn",
+    in_channels: int = 1,
+    out_channels: int = 2,
+    features: int = 14,
+    levels: int = 4,
+    dropout: float = 0.1,
+) -> nn.Module:
+    """Build a network by name: ``"karimi_fcn"`` (the paper's Fig. 1) or ``"vnet"`` (MONAI's V-Net)."""
+    if name == "karimi_fcn":
+        return KarimiFCN(in_channels, out_channels, features, levels, dropout)
+    if name == "vnet":
+        from monai.networks.nets import VNet
+
+        return VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, dropout_prob_down=dropout)
+    raise ValueError(f"Unknown network name {name!r}; choose 'karimi_fcn' or 'vnet'.")
+
+
+def spatial_divisor(network: nn.Module) -> int:
+    """The number every spatial input size must be divisible by (8 for the paper's FCN, 16 for V-Net)."""
+    return int(getattr(network, "divisor", 16))
+
