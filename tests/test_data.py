@@ -1,0 +1,163 @@
+"""Datasets: the deterministic 70/30 split, n_train subsets, and a clear error for each bad dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.data import DataError, make_datalist, read_decathlon, split_cases
+from common.synthetic import PhantomSpec, make_dataset, make_scenario
+from common.transforms import NormalizeModality
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds") / "liver_ct"
+    make_scenario("liver_ct", str(d), 10, seed=3, shape=(16, 16, 12))
+    return str(d)
+
+
+def _ids(cases):
+    return [c["case"] for c in cases]
+
+
+def test_split_is_deterministic_disjoint_and_70_30(dataset):
+    cases = read_decathlon(dataset)["training"]
+    pool, test = split_cases(cases, seed=5)
+    pool2, test2 = split_cases(list(reversed(cases)), seed=5)  # the order of dataset.json does not matter
+    assert _ids(pool) == _ids(pool2) and _ids(test) == _ids(test2)
+    assert len(pool) == 7 and len(test) == 3
+    assert not set(_ids(pool)) & set(_ids(test))
+    assert sorted(_ids(pool) + _ids(test)) == sorted(_ids(cases))
+    other_pool, _ = split_cases(cases, seed=6)
+    assert _ids(other_pool) != _ids(pool)  # another seed, another split (10 choose 3 = 120 splits)
+
+
+def test_datalist_written_with_subsets(dataset, tmp_path):
+    d = make_datalist(dataset, str(tmp_path), n_train=3, n_val=2, seed=1)
+    saved = json.loads((tmp_path / "datalist.json").read_text())
+    assert saved["seed"] == 1 and saved["n_train"] == 3
+    assert len(saved["training"]) == 3 and len(saved["validation"]) == 2 and len(saved["test"]) == 3
+    all_ids = _ids(d["training"]) + _ids(d["validation"]) + _ids(d["test"])
+    assert len(set(all_ids)) == len(all_ids)
+    # the test split does not depend on n_train: training subsets come from the same 70 %
+    d_small = make_datalist(dataset, None, n_train=1, n_val=2, seed=1)
+    assert _ids(d_small["test"]) == _ids(d["test"])
+    assert set(_ids(d_small["training"])) <= set(_ids(d["training"]))
+    assert all(os.path.isabs(c["image"]) for c in d["training"])
+
+
+def test_n_train_too_large(dataset):
+    with pytest.raises(DataError, match=r"n_train=9 but only 5 training cases"):
+        make_datalist(dataset, None, n_train=9, n_val=2)
+
+
+def _copy_dataset(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_missing_dataset_json(tmp_path):
+    with pytest.raises(DataError, match="dataset.json not found"):
+        make_datalist(str(tmp_path), None)
+    with pytest.raises(DataError, match="does not exist"):
+        make_datalist(str(tmp_path / "nope"), None)
+
+
+def test_missing_image_file(dataset, tmp_path):
+    d = _copy_dataset(dataset, tmp_path / "ds")
+    os.remove(os.path.join(d, "imagesTr", "case_004.nii.gz"))
+    with pytest.raises(DataError, match=r"do not exist, e.g. .*case_004\.nii\.gz"):
+        make_datalist(d, None)
+
+
+def _rewrite_label(d: str, name: str, fn) -> str:
+    path = os.path.join(d, "labelsTr", name)
+    img = nib.load(path)
+    new = fn(img)
+    nib.save(new, path)
+    return path
+
+
+def test_label_shape_mismatch(dataset, tmp_path):
+    d = _copy_dataset(dataset, tmp_path / "ds")
+    path = _rewrite_label(d, "case_002.nii.gz", lambda im: nib.Nifti1Image(np.asarray(im.dataobj)[:, :, :10], im.affine))
+    with pytest.raises(DataError, match=r"case_002\.nii\.gz: label shape \(16, 16, 10\) differs from image shape \(16, 16, 12\)"):
+        make_datalist(d, None)
+    assert os.path.exists(path)
+
+
+def test_label_affine_mismatch(dataset, tmp_path):
+    d = _copy_dataset(dataset, tmp_path / "ds")
+
+    def shift(im):
+        aff = im.affine.copy()
+        aff[0, 3] += 5.0
+        return nib.Nifti1Image(np.asarray(im.dataobj), aff)
+
+    _rewrite_label(d, "case_007.nii.gz", shift)
+    with pytest.raises(DataError, match=r"case_007\.nii\.gz: label affine differs"):
+        make_datalist(d, None)
+
+
+def test_label_values_outside_classes(dataset, tmp_path):
+    d = _copy_dataset(dataset, tmp_path / "ds")
+
+    def three(im):
+        a = np.asarray(im.dataobj).copy()
+        a[0, 0, 0] = 3
+        return nib.Nifti1Image(a, im.affine)
+
+    _rewrite_label(d, "case_001.nii.gz", three)
+    with pytest.raises(DataError, match=r"case_001\.nii\.gz: label values \[3\] are outside the declared classes 0\.\.1"):
+        make_datalist(d, None, num_classes=2)
+    make_datalist(d, None, num_classes=4)  # fine with 4 classes
+
+
+def test_nan_image(dataset, tmp_path):
+    d = _copy_dataset(dataset, tmp_path / "ds")
+    path = os.path.join(d, "imagesTr", "case_005.nii.gz")
+    im = nib.load(path)
+    a = np.asarray(im.dataobj).astype(np.float32)
+    a[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(a, im.affine), path)
+    with pytest.raises(DataError, match=r"case_005\.nii\.gz: 1 voxels are NaN or inf"):
+        make_datalist(d, None)
+
+
+def test_normalisation_by_modality():
+    ct = torch.tensor([-2000.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0])
+    assert torch.allclose(NormalizeModality("CT")(ct), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    mr = torch.tensor([1.0, 3.0, 5.0, 7.0]) * 100
+    out = NormalizeModality("mri")(mr)
+    assert torch.allclose(out, mr / mr.std()) and abs(out.std().item() - 1.0) < 1e-6
+    with pytest.raises(ValueError, match="constant"):
+        NormalizeModality("MR")(torch.ones(5))
+    with pytest.raises(ValueError, match="modality"):
+        NormalizeModality("PET")
+
+
+def test_synthetic_dataset_layout_and_domain_shift(tmp_path):
+    ct = make_dataset(str(tmp_path / "ct"), 2, PhantomSpec(modality="CT", shape=(24, 24, 12), spacing=(1.5, 1.5, 3.0)), seed=0)
+    mr = make_dataset(str(tmp_path / "mr"), 2, PhantomSpec(modality="MR", shape=(24, 24, 12), spacing=(1.5, 1.5, 3.0)), seed=0)
+    for d, modality in ((ct, "CT"), (mr, "MR")):
+        meta = read_decathlon(d)
+        assert meta["modality"] == {"0": modality}
+        img = nib.load(meta["training"][0]["image"])
+        lab = np.asarray(nib.load(meta["training"][0]["label"]).dataobj)
+        assert img.shape == (24, 24, 12) and img.header.get_zooms()[:3] == (1.5, 1.5, 3.0)
+        assert set(np.unique(lab)) == {0, 1} and 0.01 < lab.mean() < 0.5
+    a = np.asarray(nib.load(read_decathlon(ct)["training"][0]["image"]).dataobj)
+    assert a.min() < -900  # air in HU
+    b = np.asarray(nib.load(read_decathlon(mr)["training"][0]["image"]).dataobj)
+    assert b.min() >= 0  # magnitude MR
+    # seeded: the same seed gives the same case
+    again = make_dataset(str(tmp_path / "ct2"), 1, PhantomSpec(modality="CT", shape=(24, 24, 12), spacing=(1.5, 1.5, 3.0)), seed=0)
+    assert np.array_equal(a, np.asarray(nib.load(read_decathlon(again)["training"][0]["image"]).dataobj))
