@@ -79,7 +79,7 @@ def read_decathlon(dataset_dir: str) -> dict[str, Any]:
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise DataError(f"{meta_path}: training entry {i} needs 'image' and 'label', got {entry!r}.")
-        item = {k: os.path.normpath(os.path.join(dataset_dir, entry[k])) for k in ("image", "label")}
+        item = {k: os.path.normpath(os.path.join(os.path.abspath(dataset_dir), entry[k])) for k in ("image", "label")}
         for k in ("image", "label"):
             if not os.path.isfile(item[k]):
                 missing.append(item[k])

@@ -1,0 +1,390 @@
+"""Evaluation of a trained checkpoint on a run's test split: per-case CSV and summary JSON.
+
+Used by the bundles' ``configs/evaluate.json`` (layered on ``train.json``). For every test case the
+prediction is made as in ``configs/inference.json`` (sliding window, softmax, the preprocessing inverted
+by ``Invertd``, argmax) so it lies on the ORIGINAL image grid; the reference label is read from its file
+untouched (same grid, checked). DSC, HD95 and ASSD (and, for lesion tasks, the lesion-count TP, FP, FN,
+F1) are computed by :func:`common.metrics.per_class_metrics` with the voxel size of the original file
+(the column norms of its affine), so distances are in millimetres of the original grid.
+
+Outputs (written atomically: a temporary file in the same folder, then ``os.replace``):
+
+* ``metrics.csv``: one row per test case and foreground class, columns ``case, class, dice, hd95, assd``
+  (+ ``tp, fp, fn, f1`` when ``lesion_task``) ``, empty_pred, empty_ref``; HD95 and ASSD in mm; ``inf``
+  where exactly one mask is empty (see :mod:`common.metrics`).
+* ``summary.json``: :func:`common.metrics.summarize` of the rows (mean/std over all cases and over the
+  finite values, the counts of cases, of empty predictions and of empty references), the conventions
+  used (HD95 ``"max"`` or ``"pooled"``, units mm, the grid), and the checkpoint and cases evaluated.
+  JSON has no infinity: non-finite numbers are written as the strings ``"inf"`` / ``"nan"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import DataError, _case_id, make_datalist
+from .metrics import HD95_CONVENTIONS, per_class_metrics, summarize
+
+__all__ = [
+    "CSV_NAME",
+    "SUMMARY_NAME",
+    "HD95_DESCRIPTIONS",
+    "load_test_cases",
+    "spacing_from_affine",
+    "case_rows",
+    "write_results",
+    "CaseMetricsWriter",
+]
+
+logger = logging.getLogger(__name__)
+
+CSV_NAME = "metrics.csv"
+SUMMARY_NAME = "summary.json"
+
+HD95_DESCRIPTIONS = {
+    "max": "maximum of the two directed 95th percentiles of surface distances (MONAI, MetricsReloaded, DeepMind)",
+    "pooled": "95th percentile of both directions' surface distances pooled (medpy's hd95, the authors' code)",
+}
+
+_GRID_ATOL = 1e-3  # mm, as common.data's same-grid check
+
+
+# ------------------------------------------------------------------------------------------ test split
+def _read_test_list(path: str) -> list[dict[str, str]]:
+    if not os.path.isfile(path):
+        raise DataError(f"Datalist {path} not found.")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"Datalist {path} cannot be read as JSON: {err}") from err
+    test = d.get("test") if isinstance(d, dict) else None
+    if not isinstance(test, list):
+        raise DataError(f"Datalist {path} has no 'test' list.")
+    base = os.path.dirname(os.path.abspath(path))
+    cases = []
+    for i, entry in enumerate(test):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DataError(
+                f"Datalist {path}: test entry {i} needs 'image' and 'label' (evaluation compares with the label), "
+                f"got {entry!r}."
+            )
+        item = dict(entry)
+        for k in ("image", "label"):
+            # a relative path is taken from the datalist's folder, else from the working directory (a datalist
+            # written by make_datalist for a relative dataset_dir)
+            if not os.path.isabs(item[k]):
+                beside = os.path.normpath(os.path.join(base, item[k]))
+                item[k] = beside if os.path.isfile(beside) or not os.path.isfile(item[k]) else os.path.abspath(item[k])
+        item.setdefault("case", _case_id(item["image"]))
+        cases.append(item)
+    return cases
+
+
+def load_test_cases(
+    datalist: str = "",
+    run_datalist: str = "",
+    dataset_dir: str = "",
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    num_classes: int = 2,
+) -> list[dict[str, str]]:
+    """The labelled test cases to evaluate, ``[{"image", "label", "case"}, ...]``.
+
+    Taken from, in this order: ``datalist`` (an explicit datalist JSON, e.g. ``--datalist``; must exist),
+    ``run_datalist`` (the ``datalist.json`` the training run wrote, when it exists), else the split rebuilt
+    from ``dataset_dir`` with ``seed`` and ``test_fraction`` (the same function and seed as training, so the
+    same test cases; nothing is written).
+
+    Raises:
+        DataError: the datalist or dataset cannot be read, a listed file is missing, or there is no test case.
+    """
+    if datalist:
+        cases, source = _read_test_list(datalist), datalist
+    elif run_datalist and os.path.isfile(run_datalist):
+        cases, source = _read_test_list(run_datalist), run_datalist
+    else:
+        if not dataset_dir:
+            raise DataError("No test cases: pass --datalist <datalist.json> or --dataset_dir <Decathlon folder>.")
+        d = make_datalist(
+            dataset_dir, None, seed=seed, test_fraction=test_fraction, num_classes=num_classes, check=False
+        )
+        cases, source = d["test"], f"{dataset_dir} (split rebuilt with seed {seed})"
+        where = f" at {run_datalist}" if run_datalist else ""
+        logger.info("No run datalist%s: rebuilt the test split from %s.", where, source)
+    if not cases:
+        raise DataError(f"{source} has no test cases.")
+    missing = [c[k] for c in cases for k in ("image", "label") if not os.path.isfile(c[k])]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}.")
+    logger.info("Evaluating %d test cases from %s.", len(cases), source)
+    return cases
+
+
+# ------------------------------------------------------------------------------------------ one case
+def spacing_from_affine(affine: Any) -> tuple[float, float, float]:
+    """Voxel size (mm) along the three array axes: the column norms of the affine's 3x3 part (oblique too)."""
+    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    sp = np.linalg.norm(a[:3, :3], axis=0)
+    return float(sp[0]), float(sp[1]), float(sp[2])
+
+
+def _squeeze_channel(x: Any, name: str, case: str) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"case {case}: {name} must be a 3-D label map (1, X, Y, Z), got shape {tuple(a.shape)}.")
+    return a
+
+
+def case_rows(
+    case: str,
+    pred: Any,
+    label: Any,
+    spacing: Sequence[float],
+    classes: Sequence[int] = (1,),
+    lesion_task: bool = False,
+    hd95_convention: str = "max",
+) -> list[dict[str, Any]]:
+    """CSV rows of one case: one per class in ``classes``, ``{"case", "class", "dice", "hd95", "assd", ...}``.
+
+    ``pred`` and ``label`` are integer label maps ``(X, Y, Z)`` or ``(1, X, Y, Z)`` on the same grid with
+    voxel size ``spacing`` (mm).
+    """
+    p = _squeeze_channel(pred, "the prediction", case)
+    r = _squeeze_channel(label, "the label", case)
+    if p.shape != r.shape:
+        raise ValueError(f"case {case}: the prediction {p.shape} and the label {r.shape} are not on the same grid.")
+    per_class = per_class_metrics(p, r, spacing, classes, lesion=lesion_task, hd95_convention=hd95_convention)
+    return [{"case": case, "class": c, **m} for c, m in per_class.items()]
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _columns(lesion_task: bool) -> list[str]:
+    cols = ["case", "class", "dice", "hd95", "assd"]
+    if lesion_task:
+        cols += ["tp", "fp", "fn", "f1"]
+    return cols + ["empty_pred", "empty_ref"]
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+    return x
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _summary_of(rows: Sequence[Mapping[str, Any]], lesion_task: bool) -> dict[str, Any]:
+    metrics = ("dice", "hd95", "assd") + (("f1",) if lesion_task else ())
+    out = summarize(rows, metrics)
+    if lesion_task:
+        tp, fp, fn = (int(sum(r[k] for r in rows)) for k in ("tp", "fp", "fn"))
+        denom = 2 * tp + fp + fn
+        out["lesion_totals"] = {"tp": tp, "fp": fp, "fn": fn, "f1_pooled": 1.0 if denom == 0 else 2.0 * tp / denom}
+    return out
+
+
+def write_results(
+    rows: Sequence[Mapping[str, Any]],
+    output_dir: str,
+    lesion_task: bool = False,
+    hd95_convention: str = "max",
+    info: Mapping[str, Any] | None = None,
+    csv_name: str = CSV_NAME,
+    summary_name: str = SUMMARY_NAME,
+) -> dict[str, Any]:
+    """Write ``metrics.csv`` and ``summary.json`` under ``output_dir`` (atomically); returns the summary.
+
+    With one foreground class the summary holds :func:`common.metrics.summarize`'s fields at its top level
+    (``n_cases``, ``n_empty_pred``, ``n_empty_ref``, ``n_both_empty``, ``dice``/``hd95``/``assd`` (+``f1``)
+    each with ``mean``, ``std``, ``mean_finite``, ``std_finite``, ``n_finite``, ``n_inf``); with several it
+    holds them per class under ``per_class``. ``conventions`` names the HD95 convention, units and grid.
+    """
+    if not rows:
+        raise ValueError("No evaluated cases: nothing to write.")
+    cols = _columns(lesion_task)
+
+    def write_csv(f) -> None:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (repr(float(r[k])) if isinstance(r[k], (float, np.floating)) else r[k]) for k in cols})
+
+    classes = sorted({int(r["class"]) for r in rows})
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    if len(classes) == 1:
+        summary: dict[str, Any] = _summary_of(rows, lesion_task)
+        conventions = summary.pop("conventions")
+    else:
+        per_class = {c: _summary_of([r for r in rows if int(r["class"]) == c], lesion_task) for c in classes}
+        conventions = {}
+        for v in per_class.values():
+            conventions = v.pop("conventions")
+        summary = {"n_cases": len(cases), "per_class": per_class}
+    conventions.update(
+        {
+            "hd95": f"{hd95_convention}: {HD95_DESCRIPTIONS[hd95_convention]}; numpy linear-interpolated percentiles",
+            "units": {"dice": "fraction in [0, 1]", "hd95": "mm", "assd": "mm"},
+            "grid": "prediction inverted to the original image grid; distances use the original file's voxel size",
+            "surface": "mask voxels with a 6-neighbour outside the mask (border voxels included)",
+            "non_finite_in_json": "written as the strings 'inf' / 'nan'",
+        }
+    )
+    if lesion_task:
+        conventions["lesions"] = (
+            "26-connected components; TP: reference lesion touched by the prediction; F1 = 2TP/(2TP+FP+FN)"
+        )
+    result = {
+        **summary,
+        "classes": classes,
+        "hd95_convention": hd95_convention,
+        "lesion_task": bool(lesion_task),
+        "csv": csv_name,
+        "cases": cases,
+        **dict(info or {}),
+        "conventions": conventions,
+    }
+    _atomic_write(os.path.join(output_dir, csv_name), write_csv)
+    _atomic_write(
+        os.path.join(output_dir, summary_name),
+        lambda f: (json.dump(_json_safe(result), f, indent=2, allow_nan=False), f.write("\n")),
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------ handler
+class CaseMetricsWriter:
+    """Ignite handler for an evaluator: metrics of every case, written as CSV and JSON when the run ends.
+
+    Attach it to a ``SupervisedEvaluator`` whose post-processing leaves, per case, ``pred`` as an argmax label
+    map ``(1, X, Y, Z)`` inverted to the original image grid and ``label`` as read from its file (the
+    bundles' ``evaluate.json``). The case id is the data item's ``case`` (else the image file name).
+
+    Args:
+        output_dir: folder of ``metrics.csv`` and ``summary.json``.
+        num_classes: classes including background; classes ``1 .. num_classes-1`` are evaluated.
+        lesion_task: also compute lesion-count detection (TP, FP, FN, F1).
+        hd95_convention: ``"max"`` (default) or ``"pooled"``.
+        info: extra entries for the summary (e.g. the checkpoint path).
+        pred_key, label_key: keys of the prediction and the reference.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        num_classes: int = 2,
+        lesion_task: bool = False,
+        hd95_convention: str = "max",
+        info: Mapping[str, Any] | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+    ) -> None:
+        if hd95_convention not in HD95_CONVENTIONS:
+            raise ValueError(f"hd95_convention must be one of {HD95_CONVENTIONS}, got {hd95_convention!r}.")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}.")
+        self.output_dir = output_dir
+        self.classes = list(range(1, int(num_classes)))
+        self.lesion_task = bool(lesion_task)
+        self.hd95_convention = hd95_convention
+        self.info = dict(info or {})
+        self.pred_key = pred_key
+        self.label_key = label_key
+        self.rows: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] | None = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def reset(self, engine: Any = None) -> None:
+        self.rows = []
+        self.summary = None
+
+    def iteration_completed(self, engine: Any) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        if isinstance(output, dict):  # decollate=False: a batch of one
+            batch, output = [batch], [output]
+        for b, o in zip(batch, output):
+            self.rows.extend(self.evaluate_item(b, o))
+
+    def evaluate_item(self, batch_item: Mapping[str, Any], output_item: Mapping[str, Any]) -> list[dict[str, Any]]:
+        pred = output_item[self.pred_key]
+        label = output_item.get(self.label_key)
+        if label is None and isinstance(batch_item, Mapping):
+            label = batch_item.get(self.label_key)
+        meta = getattr(label, "meta", {}) or {}
+        case = batch_item.get("case") if isinstance(batch_item, Mapping) else None
+        if not case:
+            case = _case_id(str(meta.get("filename_or_obj", getattr(pred, "meta", {}).get("filename_or_obj", "case"))))
+        if label is None:
+            raise ValueError(f"case {case}: no '{self.label_key}' to compare with; evaluation needs labelled cases.")
+        affine = getattr(label, "affine", None)
+        if affine is None:
+            raise ValueError(f"case {case}: the label carries no affine; load it with LoadImaged (MetaTensor).")
+        p_aff = getattr(pred, "affine", None)
+        if tuple(pred.shape[-3:]) != tuple(label.shape[-3:]) or (
+            p_aff is not None and not np.allclose(np.asarray(p_aff.cpu()), np.asarray(affine.cpu()), atol=_GRID_ATOL)
+        ):
+            raise ValueError(
+                f"case {case}: the prediction (shape {tuple(pred.shape)}) is not on the label's original grid "
+                f"(shape {tuple(label.shape)}): the post-processing must invert the preprocessing (Invertd)."
+            )
+        spacing = spacing_from_affine(affine)
+        return case_rows(str(case), pred, label, spacing, self.classes, self.lesion_task, self.hd95_convention)
+
+    def completed(self, engine: Any = None) -> None:
+        if not self.rows:
+            raise ValueError("The evaluator saw no case: the test list is empty.")
+        self.summary = write_results(self.rows, self.output_dir, self.lesion_task, self.hd95_convention, self.info)
+        if len(self.classes) == 1:
+            s = self.summary
+            logger.info(
+                "Evaluated %d cases: DSC %.4f +- %.4f, HD95 %s mm, ASSD %s mm (%s); %d empty predictions. Wrote %s.",
+                s["n_cases"],
+                s["dice"]["mean"],
+                s["dice"]["std"],
+                f"{s['hd95']['mean']:.3f}",
+                f"{s['assd']['mean']:.3f}",
+                self.hd95_convention,
+                s["n_empty_pred"],
+                os.path.join(self.output_dir, CSV_NAME),
+            )
+            if engine is not None:
+                engine.state.metrics["mean_dice"] = s["dice"]["mean"]

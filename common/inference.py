@@ -1,0 +1,272 @@
+"""Sliding-window inference of the paper's FCN, with predictions written on each input's own grid.
+
+The paper (Section II-A): the trained network is applied to "blocks of 96^3 voxels with a 24-voxel
+overlap between adjacent blocks". In MONAI terms that is ``SlidingWindowInferer(roi_size=96^3,
+overlap=0.25)`` (the default here, :data:`OVERLAP_PAPER`); the authors' published code steps by 24
+voxels instead, i.e. ``overlap=0.75`` (:data:`OVERLAP_AUTHORS_CODE`, selectable with the bundles'
+``sw_overlap`` config id). Overlapping block outputs are averaged (MONAI's ``"constant"`` blending),
+then softmax and argmax give the label map.
+
+The bundles' ``configs/inference.json`` is the MONAI way of doing it: the preprocessing Compose
+(load, channel first, RAS orientation, isotropic resampling, intensity normalisation) is inverted by
+``Invertd`` on the softmax probabilities (bilinear), then argmax, then ``SaveImaged`` writes
+``<output_dir>/<image name>_seg.nii.gz`` (see :func:`prediction_path`) with the shape and affine of
+the image file that was given, also for anisotropic and oblique / non-RAS images. This module holds
+the pieces those configs call: the inferer factory and its large-volume rule, the input listing, the
+checkpoint check, and the naming rule.
+
+Large volumes: on a GPU the network always runs on the GPU (``sw_device``), but the stitched output
+(``out_channels`` + 1 float32 values per voxel, then the softmax, inversion and argmax copies made by
+the post-processing) is kept in CPU memory when the volume has more than :data:`CPU_STITCH_VOXELS`
+voxels (MONAI's ``SlidingWindowInferer(cpu_thresh=...)``, which then stitches with ``device="cpu"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .data import DataError, list_images
+
+__all__ = [
+    "OVERLAP_PAPER",
+    "OVERLAP_AUTHORS_CODE",
+    "CPU_STITCH_VOXELS",
+    "PRED_POSTFIX",
+    "make_inferer",
+    "stitch_device",
+    "num_windows",
+    "images_to_segment",
+    "prediction_path",
+    "checkpoint_state_dict",
+    "check_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The paper's text: a 24-voxel overlap between adjacent 96^3 blocks (24 / 96 = 0.25).
+OVERLAP_PAPER = 0.25
+#: The authors' published code: the window steps by 24 voxels (overlap 72 / 96 = 0.75).
+OVERLAP_AUTHORS_CODE = 0.75
+
+#: Volumes with more voxels than this (2**26 = 67,108,864, e.g. 512 x 512 x 256, or 406^3) are stitched
+#: in CPU memory while the network runs on the GPU. Below it everything stays on the GPU. At 2**26 voxels
+#: the stitching buffers of a 2-class network take 0.8 GB (3 float32 values per voxel) and the
+#: post-processing (softmax, inversion, argmax) a few GB more, which no longer fits comfortably next to
+#: the network on an 8-16 GB card; the paper's resampled volumes (0.8-2 mm isotropic) stay far below it
+#: (e.g. 256 x 256 x 200 = 13.1 M voxels).
+CPU_STITCH_VOXELS = 2**26
+
+#: ``SaveImaged(output_postfix=...)``: ``case.nii.gz`` -> ``case_seg.nii.gz``.
+PRED_POSTFIX = "seg"
+
+_NIFTI_EXT = (".nii.gz", ".nii")
+
+
+def make_inferer(
+    block_size: Sequence[int] | int = (96, 96, 96),
+    overlap: float = OVERLAP_PAPER,
+    sw_batch_size: int = 1,
+    sw_device: torch.device | str | None = None,
+    cpu_thresh: int | None = CPU_STITCH_VOXELS,
+    mode: str = "constant",
+    progress: bool = False,
+):
+    """The paper's sliding-window inferer (what the bundles' configs spell out as ``SlidingWindowInferer``).
+
+    Args:
+        block_size: window size in voxels (the paper: 96^3); each size must suit the network
+            (divisible by 8 for the paper's FCN).
+        overlap: fraction of a window shared with its neighbour: 0.25 (the paper's 24 voxels, default) or
+            0.75 (the authors' code). Must be in ``[0, 1)``.
+        sw_batch_size: windows per forward pass.
+        sw_device: where the network runs (``None``: the input's device).
+        cpu_thresh: volumes with more voxels are stitched in CPU memory (``None``: never).
+        mode: blending of overlapping windows, ``"constant"`` (plain average) or ``"gaussian"``.
+
+    Returns:
+        ``monai.inferers.SlidingWindowInferer``; call it as ``inferer(image, network)`` with
+        ``image`` of shape ``(B, C, X, Y, Z)``; returns logits ``(B, out_channels, X, Y, Z)``.
+    """
+    from monai.inferers import SlidingWindowInferer
+
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(
+            f"overlap must be in [0, 1), got {overlap}; the paper uses {OVERLAP_PAPER} (24 of 96 voxels), "
+            f"the authors' code {OVERLAP_AUTHORS_CODE}."
+        )
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
+    return SlidingWindowInferer(
+        roi_size=block_size,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode=mode,
+        sw_device=sw_device,
+        device=None,
+        cpu_thresh=cpu_thresh,
+        progress=progress,
+    )
+
+
+def stitch_device(
+    spatial_shape: Sequence[int], input_device: torch.device | str, cpu_thresh: int | None = CPU_STITCH_VOXELS
+) -> torch.device:
+    """Where :func:`make_inferer`'s inferer stitches a volume: the CPU above ``cpu_thresh`` voxels, else the
+    input's device (MONAI's ``SlidingWindowInferer`` rule, stated here so it can be checked and documented)."""
+    n = math.prod(int(s) for s in spatial_shape)
+    if cpu_thresh is not None and n > cpu_thresh:
+        return torch.device("cpu")
+    return torch.device(input_device)
+
+
+def num_windows(image_size: Sequence[int], block_size: Sequence[int] | int, overlap: float) -> int:
+    """Number of windows MONAI's sliding window visits for one image (after padding it to the block size).
+
+    Per axis the step is ``max(1, int(block * (1 - overlap)))`` (a whole block when the padded image is
+    exactly one block) and the windows are ``ceil((size - block) / step) + 1``; the total is the product.
+    """
+    dims = len(image_size)
+    blocks = [int(block_size)] * dims if isinstance(block_size, int) else [int(b) for b in block_size]
+    total = 1
+    for size, block in zip(image_size, blocks):
+        size = max(int(size), block)
+        if size == block:
+            n = 1
+        else:
+            step = max(1, int(block * (1 - overlap)))
+            n = math.ceil((size - block) / step) + 1
+        total *= n
+    return total
+
+
+def _has_nifti(folder: str) -> bool:
+    return any(f.endswith(_NIFTI_EXT) for f in os.listdir(folder))
+
+
+def images_to_segment(source: str | Sequence[str], strict: bool = True) -> list[dict[str, str]]:
+    """The images an inference run segments, as ``[{"image": path}, ...]`` (no labels needed).
+
+    ``source`` is one of:
+
+    * a folder holding ``.nii`` / ``.nii.gz`` images (every one is segmented, sorted by name);
+    * a dataset folder in the Decathlon layout (no images directly inside, a ``dataset.json``): its
+      ``test`` images, or its ``training`` images when the test list is empty;
+    * a datalist / dataset JSON file (its ``test`` cases, else its ``training`` cases), e.g. the
+      ``datalist.json`` a training run writes;
+    * a list of image paths.
+
+    With ``strict=False`` a problem is logged and ``[]`` returned instead (the configs' ``dataset`` uses this,
+    so that ``ConfigWorkflow(...).initialize(); check_properties()`` works on a bundle without data; their
+    ``run`` calls the strict form first).
+
+    Raises:
+        DataError: naming the folder or file: it does not exist, holds no images, or lists missing images.
+    """
+    if not strict:
+        try:
+            return images_to_segment(source, strict=True)
+        except DataError as err:
+            logger.warning("No images to segment yet: %s", err)
+            return []
+    if isinstance(source, str):
+        if not source:
+            raise DataError(
+                "No input given: pass --dataset_dir <folder of NIfTI images> or --datalist <datalist JSON>."
+            )
+        if os.path.isdir(source) and not _has_nifti(source):
+            meta = os.path.join(source, "dataset.json")
+            if os.path.isfile(meta):
+                return list_images(meta)
+            raise DataError(
+                f"Input folder {source} holds no images: expected .nii or .nii.gz files in it (or a dataset.json "
+                f"of the Decathlon layout)."
+            )
+        if not os.path.exists(source):
+            raise DataError(f"Input {source} does not exist: pass a folder of NIfTI images or a datalist JSON.")
+    return list_images(source)
+
+
+def prediction_path(image: str, output_dir: str, postfix: str = PRED_POSTFIX, ext: str = ".nii.gz") -> str:
+    """Where ``configs/inference.json`` writes the segmentation of ``image``.
+
+    ``<output_dir>/<image file name without .nii/.nii.gz>_<postfix>.nii.gz``, e.g. ``liver_07.nii.gz`` ->
+    ``<output_dir>/liver_07_seg.nii.gz`` (flat: images of the same name from different folders overwrite
+    each other). This is ``SaveImaged(output_postfix="seg", separate_folder=False)``'s rule.
+    """
+    name = os.path.basename(image)
+    for e in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(e):
+            name = name[: -len(e)]
+            break
+    else:
+        name = os.path.splitext(name)[0]
+    return os.path.join(output_dir, f"{name}_{postfix}{ext}")
+
+
+def checkpoint_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The network weights in a checkpoint file, read as MONAI's ``CheckpointLoader`` reads them.
+
+    Accepted: a plain state dict (``models/model.pt``, a run's ``model.pt``) or a dict holding it under
+    ``"model"`` (a run's ``checkpoint_final.pt``).
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message names it).
+        ValueError: the file cannot be read, or holds no network weights.
+    """
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Checkpoint {path!r} not found: train the model first (a run writes runs/<run_name>/model.pt; "
+            f"the bundle's default is models/model.pt) or pass --ckpt_path <path to model.pt>."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or not a torch file
+        raise ValueError(f"Cannot read checkpoint {path}: {err}") from err
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"Checkpoint {path} holds no network weights: expected a state dict or a dict with a 'model' "
+            f"state dict, found {found}."
+        )
+    return obj
+
+
+def check_checkpoint(path: str, network: torch.nn.Module) -> str:
+    """Check, before running, that ``path`` exists and fits ``network`` (names and shapes); returns ``path``.
+
+    The configs call it first in ``run`` so a wrong ``--ckpt_path`` fails at once with the file named,
+    instead of inside the engine (MONAI's ``CheckpointLoader`` then loads the same file).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unreadable file, or weights of another architecture / other ``network_def`` settings.
+    """
+    state = checkpoint_state_dict(path)
+    target = network.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    arch = type(network).__name__
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {path} does not fit the network {arch}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). It was saved from another architecture; "
+            f"check network_def in the config."
+        )
+    bad = [k for k in target if tuple(state[k].shape) != tuple(target[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"Checkpoint {path} does not fit the network {arch}: {len(bad)} tensors differ in shape, e.g. {k} is "
+            f"{tuple(state[k].shape)} in the file and {tuple(target[k].shape)} in the network. It was saved with other "
+            f"network_def settings (features, levels, in/out channels)."
+        )
+    logger.info("Checkpoint %s fits %s (%d tensors).", path, arch, len(state))
+    return path
+
