@@ -20,6 +20,10 @@ _SUBMODULES = (
     "handlers",
     "metrics",
     "rsim",
+    "inference",
+    "evaluation",
+    "capture",
+    "analysis",
 )
 
 for _name in _SUBMODULES:
