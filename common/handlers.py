@@ -13,17 +13,24 @@ falls below 0.995 times its previous value. Both are offered by :class:`PlateauD
 
 The decay state is part of the checkpoint (``state_dict`` / ``load_state_dict``), so a resumed run
 decays exactly as an uninterrupted one would.
+
+:class:`SnapshotSaver` keeps the network weights at initialisation and every ``interval`` epochs, with
+the validation Dice of each saved epoch, for the representation analyses of ``common.analysis``
+(Figs. 6-9, Table VIII); :func:`convergence_epoch` finds the paper's convergence epoch in that history.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import tempfile
 from typing import Any
 
 import torch
 
-__all__ = ["DecayRule", "PlateauDecay"]
+__all__ = ["DecayRule", "PlateauDecay", "SnapshotSaver", "convergence_epoch", "read_history", "CONVERGENCE_TOLERANCE"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +194,221 @@ def _loss_from_output(output: Any) -> float | None:
     if isinstance(output, torch.Tensor) and output.numel() == 1:
         return float(output)
     return None
+
+
+# ---------------------------------------------------------------------------------------------- snapshots
+#: The paper's convergence epoch: the first epoch whose validation DSC is within 0.5 % of the best one.
+CONVERGENCE_TOLERANCE = 0.005
+SNAPSHOT_DIR = "snapshots"
+HISTORY_FILE = "history.json"
+
+
+def snapshot_name(epoch: int) -> str:
+    """File name of the snapshot of ``epoch`` (``epoch_0000.pt`` is the initialisation)."""
+    return f"epoch_{int(epoch):04d}.pt"
+
+
+def _atomic_write(path: str, write: Any) -> None:
+    """Write through a temporary file in the same folder and ``os.replace`` it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class SnapshotSaver:
+    """Ignite handler: save the network weights at initialisation and every ``interval`` epochs.
+
+    Files (under ``<output_dir>/snapshots/``):
+
+    * ``epoch_0000.pt``: the weights when training starts (``Events.STARTED``), i.e. He initialisation
+      for R.I. runs and the loaded source weights for T.L. runs (``network`` is built, and the source
+      loaded, before the trainer runs);
+    * ``epoch_XXXX.pt``: the weights at the end of epoch ``XXXX`` (``Events.EPOCH_COMPLETED``, every
+      ``interval`` epochs, and always the last epoch);
+    * ``history.json``: ``{"metric_name", "interval", "entries": [{"epoch", "iteration", "val_dice",
+      "file"}, ...]}``, one entry per snapshot; ``val_dice`` is ``evaluator.state.metrics[metric_name]``
+      of the validation run of that epoch (``null`` for the initialisation and for epochs without a
+      validation run).
+
+    Each file is a plain CPU state dict (loadable by ``common.transfer.load_source_weights``), written
+    atomically (temporary file + ``os.replace``).
+
+    Order with validation: the bundles' ``ValidationHandler`` runs the evaluator at the trainer's
+    ``EPOCH_COMPLETED``. List this handler after it in ``train#handlers`` so the entry is written with the
+    fresh metric. Whatever the order, the handler also listens to the evaluator's ``COMPLETED`` event and
+    fills in the metric of the entry of that epoch (``evaluator.state.epoch`` equals the trainer's epoch
+    after a ``ValidationHandler`` run), so the history is right either way; a metric is only taken when
+    the evaluator ran for that very epoch.
+
+    Resuming: an existing ``history.json`` is read back and extended; the initialisation snapshot is only
+    written when training starts at epoch 0 (or when it is missing).
+    With ``torch.distributed`` initialised only rank 0 writes. ``enabled=False`` makes ``attach`` a no-op
+    (the bundles' ``save_snapshots`` switch).
+
+    Args:
+        network: the trained network (a DDP/DataParallel wrapper is unwrapped).
+        output_dir: the run folder; snapshots go to ``<output_dir>/snapshots``.
+        interval: save every ``interval`` epochs (>= 1).
+        evaluator: the validation engine whose metric is recorded (None: no metric).
+        metric_name: the evaluator's key metric (the bundles': ``val_mean_dice``).
+        enabled: False to disable the handler.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        output_dir: str,
+        interval: int = 1,
+        evaluator: Any = None,
+        metric_name: str = "val_mean_dice",
+        enabled: bool = True,
+    ) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"interval must be >= 1 epoch, got {interval}.")
+        self.network = network
+        self.output_dir = output_dir
+        self.snapshot_dir = os.path.join(output_dir, SNAPSHOT_DIR)
+        self.history_path = os.path.join(self.snapshot_dir, HISTORY_FILE)
+        self.interval = int(interval)
+        self.evaluator = evaluator
+        self.metric_name = metric_name
+        self.enabled = bool(enabled)
+        self.entries: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ ignite
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if not self.enabled:
+            logger.info("SnapshotSaver disabled: no weight snapshots are saved.")
+            return
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self.validation_completed)
+
+    def _is_writer(self) -> bool:
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+    def _module(self) -> torch.nn.Module:
+        net = self.network
+        while hasattr(net, "module") and isinstance(net.module, torch.nn.Module):
+            net = net.module
+        return net
+
+    def _metric(self, epoch: int) -> float | None:
+        ev = self.evaluator
+        state = getattr(ev, "state", None) if ev is not None else None
+        if state is None or getattr(state, "epoch", None) != epoch:
+            return None
+        value = state.metrics.get(self.metric_name)
+        if value is None:
+            return None
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+    def started(self, engine: Any) -> None:
+        if not self._is_writer():
+            return
+        self.entries = read_history(self.history_path)["entries"] if os.path.isfile(self.history_path) else []
+        epoch = int(engine.state.epoch)
+        if epoch == 0 or not os.path.isfile(os.path.join(self.snapshot_dir, snapshot_name(0))):
+            if epoch != 0:
+                logger.warning("SnapshotSaver: resumed at epoch %d without an initialisation snapshot; not saving one.", epoch)
+            else:
+                self.entries = [e for e in self.entries if e["epoch"] != 0]
+                self._save(engine, 0)
+
+    def epoch_completed(self, engine: Any) -> None:
+        epoch = int(engine.state.epoch)
+        last = engine.state.max_epochs is not None and epoch >= engine.state.max_epochs
+        if self._is_writer() and (epoch % self.interval == 0 or last):
+            self._save(engine, epoch)
+
+    def validation_completed(self, evaluator: Any) -> None:
+        if not self._is_writer():
+            return
+        epoch = int(getattr(evaluator.state, "epoch", -1))
+        for e in self.entries:
+            if e["epoch"] == epoch and e.get("val_dice") is None:
+                e["val_dice"] = self._metric(epoch)
+                if e["val_dice"] is not None:
+                    self._write_history()
+
+    # ------------------------------------------------------------------ files
+    def _save(self, engine: Any, epoch: int) -> None:
+        name = snapshot_name(epoch)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self._module().state_dict().items()}
+        _atomic_write(os.path.join(self.snapshot_dir, name), lambda f: torch.save(state, f))
+        entry = {
+            "epoch": epoch,
+            "iteration": int(engine.state.iteration),
+            "val_dice": self._metric(epoch) if epoch > 0 else None,
+            "file": name,
+        }
+        self.entries = [e for e in self.entries if e["epoch"] != epoch] + [entry]
+        self.entries.sort(key=lambda e: e["epoch"])
+        self._write_history()
+        logger.info("Snapshot of epoch %d saved to %s (validation %s: %s).", epoch, name, self.metric_name, entry["val_dice"])
+
+    def _write_history(self) -> None:
+        doc = {"metric_name": self.metric_name, "interval": self.interval, "entries": self.entries}
+        _atomic_write(self.history_path, lambda f: f.write(json.dumps(doc, indent=2).encode()))
+
+
+def read_history(source: Any) -> dict[str, Any]:
+    """A snapshot history as ``{"metric_name", "interval", "entries": [...]}``.
+
+    ``source``: a run folder, its ``snapshots`` folder, a ``history.json`` path, the loaded dict, or a
+    list of entries (dicts with ``epoch`` and ``val_dice``).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            cand = os.path.join(path, SNAPSHOT_DIR, HISTORY_FILE)
+            path = cand if os.path.isfile(cand) else os.path.join(path, HISTORY_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No snapshot history at {path}: train with the SnapshotSaver handler (save_snapshots true)."
+            )
+        with open(path) as f:
+            source = json.load(f)
+    if isinstance(source, dict):
+        entries = source.get("entries", [])
+        out = dict(source)
+    else:
+        entries = list(source)
+        out = {"metric_name": None, "interval": None}
+    out["entries"] = sorted((dict(e) for e in entries), key=lambda e: e["epoch"])
+    return out
+
+
+def convergence_epoch(history: Any, tolerance: float = CONVERGENCE_TOLERANCE) -> int:
+    """The paper's convergence epoch: the first epoch whose validation DSC is ``>= (1 - tolerance) * best``.
+
+    ``history``: a list of numbers (validation DSC per epoch; the result is the list index), or anything
+    :func:`read_history` takes (entries with ``epoch`` and ``val_dice``; the result is that ``epoch``).
+    Epochs without a value (``None``/NaN, e.g. the initialisation) are skipped.
+
+    Example: ``[0.5, 0.8, 0.9, 0.899, 0.95, 0.951]`` -> 4 (``0.95 >= 0.995 * 0.951``).
+    """
+    if isinstance(history, (list, tuple)) and all(v is None or isinstance(v, (int, float)) for v in history):
+        pairs = list(enumerate(history))
+    else:
+        pairs = [(e["epoch"], e.get("val_dice")) for e in read_history(history)["entries"]]
+    pairs = [(ep, float(v)) for ep, v in pairs if v is not None and math.isfinite(float(v))]
+    if not pairs:
+        raise ValueError("The history holds no validation value: cannot find the convergence epoch.")
+    best = max(v for _, v in pairs)
+    threshold = (1.0 - tolerance) * best
+    return int(next(ep for ep, v in pairs if v >= threshold))
