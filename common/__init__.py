@@ -18,6 +18,7 @@ _SUBMODULES = (
     "synthetic",
     "transfer",
     "handlers",
+    "checkpoints",
     "metrics",
     "rsim",
     "inference",

@@ -1,0 +1,339 @@
+"""Resumable training: atomic checkpoints, RNG states, and a run record beside the outputs.
+
+:class:`TrainingCheckpointer` (an ignite handler, ``checkpointer`` in the bundles' ``train.json``):
+
+* every ``interval`` iterations, at the end of every epoch and at the end of the run it writes one
+  rolling ``checkpoint.pt`` (and ``checkpoint_final.pt`` at the end) holding the state dicts of its
+  ``save_dict`` (model, optimizer, learning-rate decay state, trainer counters, best-model tracker) and
+  the random number generator states (torch, numpy, python, and every random transform's own);
+* every write goes to a temporary file in the same folder, is flushed to disk, then renamed over the
+  old file (``os.replace`` is atomic): a kill at any moment leaves either the old or the new file,
+  never a truncated one;
+* on ``attach`` with ``resume=True`` it loads the newest readable checkpoint of ``save_dir``, so the
+  same command started again continues where the killed run stopped (losing at most the iterations
+  since that checkpoint); ``max_epochs`` of the new command wins, so a finished run can be extended;
+* :meth:`run` runs the trainer, or says that the run has already finished and does nothing.
+
+:func:`write_run_record` writes ``run_info.json`` (seed, command line, package versions, host) and
+copies the config files of the command beside the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write",
+    "atomic_torch_save",
+    "RNGState",
+    "BestModelState",
+    "TrainingCheckpointer",
+    "write_run_record",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder, which is flushed,
+    fsynced and renamed over ``path``. On any error the temporary file is removed and ``path`` is untouched.
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (the message names ``path``).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise OSError(err.errno, f"Cannot write {path}: {err.strerror}") from err
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"Cannot write {path}: {err.strerror or err}") from err
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _np_state_to_tensor(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _np_state_from_tensor(d: Mapping[str, Any]) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+class RNGState:
+    """The random number generator states a training run depends on, as a checkpointable object.
+
+    Covers torch (CPU and, when present, CUDA), numpy's global generator, python's ``random``, and the
+    private generator (``.R``) of every random transform found in ``transforms`` (a MONAI ``Compose``,
+    a list, or None). Stored as tensors and plain numbers, so it loads with ``weights_only=True``.
+    """
+
+    def __init__(self, transforms: Any = None) -> None:
+        self.transforms = transforms
+
+    def _randomizables(self) -> list[Any]:
+        ts = self.transforms
+        if ts is None:
+            return []
+        if hasattr(ts, "transforms"):
+            ts = ts.transforms
+        out = []
+        for t in ts:
+            if hasattr(t, "transforms"):
+                out.extend(RNGState(t)._randomizables())
+            elif isinstance(getattr(t, "R", None), np.random.RandomState):
+                out.append(t)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        py = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": _np_state_to_tensor(np.random.get_state()),
+            "python": {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
+            "transforms": [_np_state_to_tensor(t.R.get_state()) for t in self._randomizables()],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_np_state_from_tensor(state["numpy"]))
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+        ts = self._randomizables()
+        if len(ts) == len(state.get("transforms", [])):
+            for t, s in zip(ts, state["transforms"]):
+                t.R.set_state(_np_state_from_tensor(s))
+        else:
+            logger.warning("The checkpoint has %d random transform states, the pipeline %d: transform RNGs not restored.",
+                           len(state.get("transforms", [])), len(ts))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingCheckpointer:
+    """Atomic, resumable checkpoints of a training run (see the module docstring).
+
+    Args:
+        save_dir: the run's output folder.
+        save_dict: name -> object with ``state_dict``/``load_state_dict`` (the trainer engine included,
+            under ``"trainer"``).
+        interval: iterations between checkpoints (also written at every epoch end and at the end).
+        resume: load the newest checkpoint of ``save_dir`` on attach.
+        transforms: the training pipeline, whose random transforms' states are saved (see :class:`RNGState`).
+        filename / final_filename: the rolling and the final checkpoint names.
+        save_enabled: write checkpoints (False on the non-zero ranks of a multi-GPU run, which only load).
+
+    A wrapped network (``DistributedDataParallel``/``DataParallel``) is saved and loaded as its ``module``,
+    so the checkpoint keys are the same with one GPU or several.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        interval: int = 100,
+        resume: bool = True,
+        transforms: Any = None,
+        filename: str = "checkpoint.pt",
+        final_filename: str = "checkpoint_final.pt",
+        save_enabled: bool = True,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 iteration, got {interval}.")
+        if "trainer" not in save_dict:
+            raise ValueError("save_dict needs the trainer engine under 'trainer' to resume its counters.")
+        self.save_dir = save_dir
+        self.save_dict = dict(save_dict)
+        self.save_dict.setdefault("rng", RNGState(transforms))
+        self.interval = int(interval)
+        self.resume = bool(resume)
+        self.path = os.path.join(save_dir, filename)
+        self.final_path = os.path.join(save_dir, final_filename)
+        self.save_enabled = bool(save_enabled)
+        self.finished = False
+        self.resumed_from: str | None = None
+
+    # ------------------------------------------------------------------ saving
+    def _state(self) -> dict[str, Any]:
+        return {k: _unwrap(obj).state_dict() for k, obj in self.save_dict.items()}
+
+    def save(self, engine: Any = None) -> None:
+        if self.save_enabled:
+            atomic_torch_save(self._state(), self.path)
+
+    def save_final(self, engine: Any = None) -> None:
+        if not self.save_enabled:
+            return
+        state = self._state()
+        atomic_torch_save(state, self.path)
+        atomic_torch_save(state, self.final_path)
+        logger.info("Training finished at iteration %d: wrote %s.", engine.state.iteration if engine else -1, self.final_path)
+
+    # ------------------------------------------------------------------ loading
+    def _candidates(self) -> list[str]:
+        paths = [p for p in (self.path, self.final_path) if os.path.isfile(p)]
+        return sorted(paths, key=os.path.getmtime, reverse=True)
+
+    def load_latest(self, engine: Any) -> str | None:
+        """Load the newest readable checkpoint into ``save_dict``; returns its path (None: none found)."""
+        for path in self._candidates():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # an unreadable file is reported and skipped, never loaded half-way
+                logger.warning("Cannot read checkpoint %s (%s); trying an older one.", path, err)
+                continue
+            missing = [k for k in self.save_dict if k not in state]
+            if missing:
+                raise ValueError(f"Checkpoint {path} lacks {missing}: it was not written by this training config.")
+            prior_max_epochs = engine.state.max_epochs
+            for k, obj in self.save_dict.items():
+                try:
+                    _unwrap(obj).load_state_dict(state[k])
+                except Exception as err:
+                    raise ValueError(f"Checkpoint {path}: cannot restore '{k}': {err}") from err
+            done_epochs = engine.state.iteration / max(engine.state.epoch_length or 1, 1)
+            if prior_max_epochs is not None:
+                if done_epochs > prior_max_epochs:
+                    raise ValueError(
+                        f"Checkpoint {path} is at epoch {done_epochs:g}, beyond max_epochs={prior_max_epochs}: "
+                        "pass a larger --train#trainer#max_epochs to extend the run."
+                    )
+                engine.state.max_epochs = prior_max_epochs
+            total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
+            self.finished = total > 0 and engine.state.iteration >= total
+            self.resumed_from = path
+            logger.info("Resumed from %s at iteration %d (epoch %d of %s).", path, engine.state.iteration,
+                        engine.state.epoch, engine.state.max_epochs)
+            return path
+        return None
+
+    # ------------------------------------------------------------------ engine
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if self.resume:
+            self.load_latest(engine)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save_final)
+
+    def run(self, engine: Any) -> None:
+        """Run ``engine`` unless the loaded checkpoint shows the run has already finished."""
+        if self.finished:
+            logger.info(
+                "This run has already finished (%d iterations, max_epochs=%s, checkpoint %s): nothing to do. "
+                "Pass a larger --train#trainer#max_epochs to extend it.",
+                engine.state.iteration, engine.state.max_epochs, self.resumed_from,
+            )
+            return
+        engine.run()
+
+
+def _unwrap(obj: Any) -> Any:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``obj``."""
+    if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return obj.module
+    return obj
+
+
+class BestModelState:
+    """Checkpointable view of a MONAI ``CheckpointSaver``'s best-model tracking (its key-metric list), so a
+    resumed run keeps ``model.pt`` as the best of the whole run, not of the part after the restart."""
+
+    def __init__(self, handlers: Any) -> None:
+        from monai.handlers import CheckpointSaver
+
+        savers = [h for h in (handlers or []) if isinstance(h, CheckpointSaver) and getattr(h, "_key_metric_checkpoint", None) is not None]
+        self.saver = savers[0] if savers else None
+
+    def state_dict(self) -> dict[str, Any]:
+        ckpt = getattr(self.saver, "_key_metric_checkpoint", None)
+        return ckpt.state_dict() if ckpt is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.saver is not None and state:
+            self.saver.load_state_dict(dict(state))
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "monai", "numpy", "nibabel", "ignite", "scipy", "common"):
+        try:
+            mod = __import__(name)
+            out[name] = str(getattr(mod, "__version__", "unknown"))
+        except Exception:
+            out[name] = "not installed"
+    return out
+
+
+def _config_files_from_argv(argv: list[str]) -> list[str]:
+    """The config files named after ``--config_file`` on a ``monai.bundle run`` command line."""
+    if "--config_file" not in argv:
+        return []
+    raw = argv[argv.index("--config_file") + 1]
+    raw = raw.strip().strip("[]")
+    files = [p.strip().strip("'\"") for p in raw.split(",") if p.strip()]
+    return [f for f in files if os.path.isfile(f)]
+
+
+def write_run_record(output_dir: str, seed: int, extra: Mapping[str, Any] | None = None) -> str:
+    """Write ``run_info.json`` (seed, command line, versions, host, time) and copy the command's config
+    files into ``output_dir/configs/``. Returns the path of ``run_info.json``."""
+    import datetime
+
+    os.makedirs(output_dir, exist_ok=True)
+    cfg_dir = os.path.join(output_dir, "configs")
+    files = _config_files_from_argv(sys.argv)
+    copied = []
+    for f in files:
+        os.makedirs(cfg_dir, exist_ok=True)
+        dst = os.path.join(cfg_dir, os.path.basename(f))
+        atomic_write(dst, lambda fh, src=f: fh.write(open(src, "rb").read()))
+        copied.append(dst)
+    info = {
+        "seed": seed,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "config_files": files,
+        "config_copies": copied,
+        "versions": _versions(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        **(dict(extra) if extra else {}),
+    }
+    path = os.path.join(output_dir, "run_info.json")
+    atomic_write(path, lambda f: f.write(json.dumps(info, indent=2, default=str)), mode="w")
+    return path
+

@@ -1,0 +1,157 @@
+"""Reliability of training runs: kill-and-resume, finished runs, extension, reproducibility, atomic writes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common.checkpoints import RNGState, TrainingCheckpointer, atomic_torch_save, atomic_write
+from common.synthetic import make_scenario
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = os.path.join(ROOT, "bundles", "liver_ct_from_liver_mri", "configs")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume") / "ct"
+    make_scenario("liver_ct", str(d), 5, seed=0, shape=(16, 16, 8), spacing=(2.0, 2.0, 4.0))
+    return str(d)
+
+
+def _cmd(data: str, root: str, epochs: int, extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{CFG}/train.json']",
+            "--dataset_dir", data, "--bundle_root", root, "--block_size", "[16,16,16]",
+            "--network_def#features", "4", "--iterations_per_epoch", "4", "--train#trainer#max_epochs", str(epochs),
+            "--checkpoint_interval", "2", "--seed", "7", *(extra or [])]
+
+
+def _run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def _iteration(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["trainer"]["iteration"])
+
+
+def test_kill_mid_epoch_then_resume_finish_and_extend(data, tmp_path):
+    root = str(tmp_path / "run")
+    out = os.path.join(root, "runs", "train")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    cmd = _cmd(data, root, epochs=4)
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+        # kill in the middle of epoch 2 (iterations 5..8), once a checkpoint past iteration 4 exists
+        while time.time() < deadline and proc.poll() is None:
+            text = log_path.read_text()
+            done = [int(e) * 4 - 4 + int(i) for e, i in re.findall(r"Epoch: (\d+)/\d+, Iter: (\d+)/4", text)]
+            if os.path.isfile(ckpt) and done and max(done) >= 6:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    text = log_path.read_text()
+    done = [int(e) * 4 - 4 + int(i) for e, i in re.findall(r"Epoch: (\d+)/\d+, Iter: (\d+)/4", text)]
+    assert done and max(done) < 16, "the run finished before it could be killed"
+    killed_at = max(done)
+    saved_at = _iteration(ckpt)  # never truncated: the write is atomic
+    assert 0 < saved_at <= killed_at
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+    log2 = _run(cmd)
+    m = re.search(r"Resumed from .*checkpoint\.pt at iteration (\d+)", log2)
+    assert m, log2[-3000:]
+    resumed = int(m.group(1))
+    assert resumed == saved_at
+    assert killed_at - resumed <= 2 + 1  # at most the checkpoint interval (+ the iteration being run when killed)
+    assert _iteration(os.path.join(out, "checkpoint_final.pt")) == 16
+    first_new = min(int(e) * 4 - 4 + int(i) for e, i in re.findall(r"Epoch: (\d+)/\d+, Iter: (\d+)/4", log2))
+    assert first_new == resumed + 1
+
+    # started again: says so and does nothing
+    final = os.path.join(out, "checkpoint_final.pt")
+    before = open(final, "rb").read()
+    log3 = _run(cmd)
+    assert "already finished" in log3 and "Iter:" not in log3
+    assert open(final, "rb").read() == before
+
+    # more epochs asked: extends the run from iteration 16 to 20
+    log4 = _run(_cmd(data, root, epochs=5))
+    assert "at iteration 16" in log4
+    assert _iteration(final) == 20
+
+
+def test_same_seed_gives_bit_identical_weights_and_a_run_record(data, tmp_path):
+    states = []
+    for k in range(2):
+        root = str(tmp_path / f"r{k}")
+        _run(_cmd(data, root, epochs=1))
+        out = os.path.join(root, "runs", "train")
+        states.append(torch.load(os.path.join(out, "checkpoint_final.pt"), map_location="cpu", weights_only=True)["model"])
+        info = json.loads(open(os.path.join(out, "run_info.json")).read())
+        assert info["seed"] == 7 and info["versions"]["torch"] == torch.__version__
+        assert os.path.isfile(os.path.join(out, "configs", "train.json"))
+        assert os.path.isfile(os.path.join(out, "datalist.json"))
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_atomic_write_leaves_old_file_when_the_disk_fills(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    atomic_torch_save({"a": torch.ones(3)}, str(path))
+    old = path.read_bytes()
+
+    def full_disk(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"Cannot write .*checkpoint\.pt: No space left on device"):
+        atomic_write(str(path), full_disk)
+    assert path.read_bytes() == old
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    import random
+
+    import numpy as np
+    from monai.transforms import Compose, RandGaussianNoise
+
+    t = Compose([RandGaussianNoise(prob=1.0)])
+    t.set_random_state(3)
+    rng = RNGState(t)
+    state = rng.state_dict()
+    draws = (torch.rand(2), np.random.rand(2), random.random(), t.transforms[0].R.rand(2))
+    rng.load_state_dict(state)
+    again = (torch.rand(2), np.random.rand(2), random.random(), t.transforms[0].R.rand(2))
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1])
+    assert draws[2] == again[2] and np.array_equal(draws[3], again[3])
+
+
+def test_checkpointer_skips_an_unreadable_checkpoint(tmp_path, caplog):
+    from ignite.engine import Engine
+
+    net = torch.nn.Linear(2, 2)
+    engine = Engine(lambda e, b: None)
+    engine.state.max_epochs, engine.state.epoch_length = 2, 3
+    good = TrainingCheckpointer(str(tmp_path), {"model": net, "trainer": engine})
+    atomic_torch_save({"model": net.state_dict(), "trainer": {"iteration": 3, "epoch_length": 3, "max_epochs": 2},
+                       "rng": RNGState().state_dict()}, good.final_path)
+    time.sleep(0.01)
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")  # newer but unreadable
+    assert good.load_latest(engine) == good.final_path
+    assert engine.state.iteration == 3 and not good.finished
+    assert "Cannot read checkpoint" in caplog.text
