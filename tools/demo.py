@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_source", type=int, default=12, help="source (MR) cases")
     p.add_argument("--n_target", type=int, default=10, help="target (CT) cases")
     p.add_argument("--block", type=int, default=32, help="training block edge in voxels (multiple of 8)")
-    p.add_argument("--iters", type=int, default=16, help="iterations per epoch")
+    p.add_argument("--iters", type=int, default=20, help="iterations per epoch")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run")
     p.add_argument("--n_train", type=int, default=None, help="target training cases (default: all of the 70 %%)")
     args = p.parse_args(argv)
@@ -83,10 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(out, "eval", "summary.json")) as f:
             summary = json.load(f)
         rows.append((label, run, summary))
+    text = results_table(rows, args)
+    with open(os.path.join(work, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def results_table(rows: list, args: argparse.Namespace) -> str:
+    """Markdown table of the evaluated runs: (label, run name, summary.json dict) per row."""
 
     def cell(s: dict, k: str) -> str:
-        m = s["metrics"][k]
-        return f"{m['mean']:.3f} ± {m['std']:.3f}"
+        m = s[k]  # summary.json of evaluate.json: mean/std over all cases ("inf" when a mask is empty)
+        try:
+            return f"{float(m['mean']):.3f} ± {float(m['std']):.3f}"
+        except (TypeError, ValueError):
+            return f"{m['mean']} ({m['n_inf']} of {s['n_cases']} infinite)"
 
     lines = [
         "# Demo: liver CT from liver MRI (synthetic data)",
@@ -99,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, run, s in rows:
         lines.append(f"| {label} | {run} | {s['n_cases']} | {cell(s, 'dice')} | {cell(s, 'hd95')} | {cell(s, 'assd')} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(work, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
