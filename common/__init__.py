@@ -25,6 +25,7 @@ _SUBMODULES = (
     "evaluation",
     "capture",
     "analysis",
+    "fast",
 )
 
 for _name in _SUBMODULES:

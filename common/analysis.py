@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 
 from . import capture
+from .checkpoints import atomic_write
 from .handlers import SNAPSHOT_DIR, convergence_epoch, read_history
 
 __all__ = [
@@ -373,23 +374,21 @@ def rsim_values(acc, direction: str = "mean") -> dict[str, float]:
 
 
 def _write_csv(path: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fields = list(fields or (rows[0].keys() if rows else []))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    os.replace(tmp, path)
+
+    atomic_write(path, write, mode="w")
     logger.info("Wrote %s (%d rows).", path, len(rows))
     return path
 
 
 def _write_text(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    atomic_write(path, lambda f: f.write(text), mode="w")
     logger.info("Wrote %s.", path)
     return path
 

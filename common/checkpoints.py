@@ -20,6 +20,7 @@ copies the config files of the command beside the outputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,12 +28,13 @@ import platform
 import random
 import sys
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 __all__ = [
+    "atomic_path",
     "atomic_write",
     "atomic_torch_save",
     "RNGState",
@@ -44,33 +46,41 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder, which is flushed,
-    fsynced and renamed over ``path``. On any error the temporary file is removed and ``path`` is untouched.
-
-    Raises:
-        OSError: the folder is not writable or the disk is full (the message names ``path``).
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path in ``path``'s folder; when the block succeeds the file is fsynced, given the
+    usual permissions (``0o666 & ~umask``, not ``mkstemp``'s 0600) and renamed over ``path`` (``os.replace``
+    is atomic). On any error the temporary file is removed, ``path`` is untouched, and an ``OSError``
+    names ``path``.
     """
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=folder)
+        os.close(fd)
     except OSError as err:
         raise OSError(err.errno, f"Cannot write {path}: {err.strerror}") from err
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as err:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(err, OSError):
             raise OSError(err.errno, f"Cannot write {path}: {err.strerror or err}") from err
         raise
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` atomically (see :func:`atomic_path`): ``write(f)`` fills the temporary file."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, newline="" if "b" not in mode else None) as f:
+            write(f)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

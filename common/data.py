@@ -16,10 +16,14 @@ run's outputs (``datalist.json``) so every run can be reproduced.
 
 from __future__ import annotations
 
+import errno
+import gzip
 import json
 import logging
+import math
 import os
 import random
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +32,8 @@ __all__ = [
     "DataError",
     "read_decathlon",
     "check_case",
+    "check_image_file",
+    "check_output_dir",
     "check_cases",
     "split_cases",
     "make_datalist",
@@ -107,7 +113,114 @@ def _load_header(path: str):
     try:
         return nib.load(path)
     except Exception as err:
-        raise DataError(f"{path} cannot be read as an image: {err}") from err
+        raise DataError(f"{path} cannot be read as an image (not a NIfTI file, or corrupt): {err}") from err
+
+
+def _check_shape(path: str, shape: Sequence[int], channels: int = 1, what: str = "image") -> tuple[int, ...]:
+    """The spatial shape of a 3-D ``what`` stored as ``(X, Y, Z)`` or ``(X, Y, Z, C...)`` with ``channels`` channels."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 3:
+        raise DataError(
+            f"{path}: expected a 3-D {what} (X, Y, Z), got a {len(shape)}-D one of shape {shape}; "
+            f"the bundles segment volumes."
+        )
+    n = math.prod(shape[3:])
+    if n != channels:
+        raise DataError(
+            f"{path}: expected a 3-D {what} with {channels} channel{'s' if channels != 1 else ''}, got shape {shape}: "
+            f"{n} channels (or time points) after the 3 spatial axes; the network takes in_channels={channels}."
+        )
+    return shape[:3]
+
+
+def _check_complete(path: str, img: Any) -> None:
+    """Raise :class:`DataError` when the voxel data of a single-file NIfTI are cut short (an interrupted copy or
+    download). ``.nii``: the file size; ``.nii.gz``: the gzip trailer's uncompressed size, and when that does not
+    match (e.g. a multi-member gzip) a streaming decompression that holds one 16 MiB chunk at a time."""
+    if not path.endswith((".nii", ".nii.gz")):
+        return
+    proxy = img.dataobj  # nibabel's ArrayProxy: where the voxels start in the (uncompressed) file, their type
+    try:
+        expected = int(proxy.offset) + math.prod(int(s) for s in proxy.shape) * np.dtype(proxy.dtype).itemsize
+    except Exception:  # not a file-backed NIfTI: nothing to compare with
+        return
+    cut = f"{path}: the file is truncated or corrupt"
+    if path.endswith(".nii"):
+        size = os.path.getsize(path)
+        if size < expected:
+            raise DataError(f"{cut}: {size} bytes, its header needs {expected}; copy or download it again.")
+        return
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 18:
+            raise DataError(f"{cut}: {f.tell()} bytes is no gzip stream.")
+        f.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(f.read(4), "little")
+    if isize == expected % 2**32:
+        return
+    total = 0
+    try:
+        with gzip.open(path, "rb") as g:
+            while True:
+                chunk = g.read(1 << 24)
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(f"{cut} ({err}); copy or download it again.") from err
+    if total < expected:
+        raise DataError(f"{cut}: it holds {total} bytes of NIfTI data, its header needs {expected}.")
+
+
+def check_image_file(path: str, channels: int = 1) -> tuple[int, ...]:
+    """Checks of one image file that need no voxel decoding: the header reads, the image is 3-D with
+    ``channels`` channel(s), and the data are complete (not a truncated file). Returns the spatial shape.
+
+    Raises:
+        DataError: naming the file and the problem.
+    """
+    img = _load_header(path)
+    spatial = _check_shape(path, img.shape, channels)
+    _check_complete(path, img)
+    return spatial
+
+
+def _read_voxels(path: str, img: Any) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj)
+    except Exception as err:  # truncated or corrupt data
+        raise DataError(f"{path}: cannot read the voxel data (truncated or corrupt file?): {err}") from err
+
+
+def check_output_dir(path: str, what: str = "Output folder") -> str:
+    """Check, creating nothing, that ``path`` is a folder that exists and is writable, or can be created.
+
+    Walks up to the nearest existing ancestor: it must be a folder (not a file) with write permission on a
+    writable file system (``os.access``, which also reports a read-only mount; root passes permission bits
+    but not a file in the way or a read-only mount). Returns ``path``.
+
+    Raises:
+        NotADirectoryError: a file stands where a folder of the path should be.
+        PermissionError: the nearest existing folder is not writable.
+    """
+    if not path:
+        raise ValueError(f"{what}: no path given.")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"{what} {path} cannot be created: {probe} is a file, not a folder (Not a directory)"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES,
+            f"{what} {path} is not writable: no write access to {probe} (permissions or a read-only mount)",
+        )
+    return path
 
 
 def check_case(case: dict[str, str], num_classes: int, check_values: bool = True) -> dict[str, Any]:
@@ -121,13 +234,8 @@ def check_case(case: dict[str, str], num_classes: int, check_values: bool = True
     """
     img = _load_header(case["image"])
     lab = _load_header(case["label"])
-    ishape, lshape = tuple(img.shape), tuple(lab.shape)
-    if len(ishape) == 4 and ishape[3] == 1:
-        ishape = ishape[:3]
-    if len(ishape) != 3:
-        raise DataError(f"{case['image']}: expected a 3-D image, got shape {tuple(img.shape)}.")
-    if len(lshape) == 4 and lshape[3] == 1:
-        lshape = lshape[:3]
+    ishape = _check_shape(case["image"], img.shape, 1, "image")
+    lshape = _check_shape(case["label"], lab.shape, 1, "label")
     if lshape != ishape:
         raise DataError(
             f"{case['label']}: label shape {tuple(lab.shape)} differs from image shape {tuple(img.shape)} "
@@ -140,11 +248,12 @@ def check_case(case: dict[str, str], num_classes: int, check_values: bool = True
         )
     info: dict[str, Any] = {"shape": ishape, "spacing": tuple(float(s) for s in img.header.get_zooms()[:3])}
     if check_values:
-        try:
-            labels = np.asarray(lab.dataobj)
-            image = np.asarray(img.dataobj)
-        except Exception as err:  # truncated or corrupt data
-            raise DataError(f"{case['image']} / {case['label']}: cannot read voxel data: {err}") from err
+        _check_complete(case["label"], lab)
+        _check_complete(case["image"], img)
+        labels = _read_voxels(case["label"], lab)
+        image = _read_voxels(case["image"], img)
+        if not np.isfinite(labels).all():
+            raise DataError(f"{case['label']}: {int((~np.isfinite(labels)).sum())} label voxels are NaN or inf.")
         values = np.unique(labels)
         bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
         if bad:
@@ -221,6 +330,8 @@ def make_datalist(
     Raises:
         DataError: bad dataset (see :func:`read_decathlon`, :func:`check_case`) or ``n_train`` larger than available.
     """
+    if output_dir:
+        check_output_dir(output_dir, "Run output folder")  # fail before the checks, not after them
     meta = read_decathlon(dataset_dir)
     cases = meta["training"]
     pool, test = split_cases(cases, seed=seed, test_fraction=test_fraction)
@@ -260,12 +371,10 @@ def make_datalist(
         "test": test,
     }
     if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
+        from .checkpoints import atomic_write
+
         path = os.path.join(output_dir, filename)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(datalist, f, indent=2)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: json.dump(datalist, f, indent=2), mode="w")
         logger.info(
             "Datalist %s: %d training, %d validation, %d test cases (seed %d).", path, len(train), len(val), len(test), seed
         )
@@ -294,12 +403,20 @@ def list_images(source: str | Sequence[str]) -> list[dict[str, str]]:
     if isinstance(source, (list, tuple)):
         paths = list(source)
     elif os.path.isdir(source):
+        # hidden files are skipped: an interrupted atomic write's temporary file, macOS "._x.nii.gz" metadata
         paths = sorted(
-            os.path.join(source, f) for f in os.listdir(source) if f.endswith((".nii.gz", ".nii"))
+            os.path.join(source, f)
+            for f in os.listdir(source)
+            if f.endswith((".nii.gz", ".nii")) and not f.startswith(".")
         )
     elif os.path.isfile(source) and source.endswith(".json"):
-        with open(source) as f:
-            d = json.load(f)
+        try:
+            with open(source) as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"{source} cannot be read as JSON: {err}") from err
+        if not isinstance(d, dict):
+            raise DataError(f"{source}: expected a datalist or dataset.json object, got a {type(d).__name__}.")
         base = os.path.dirname(os.path.abspath(source))
         entries = d.get("test") or d.get("training") or []
         paths = [e["image"] if isinstance(e, dict) else e for e in entries]

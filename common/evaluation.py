@@ -25,14 +25,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from .data import DataError, _case_id, make_datalist
+from .checkpoints import atomic_write
+from .data import DataError, _case_id, check_cases, check_output_dir, make_datalist
 from .metrics import HD95_CONVENTIONS, per_class_metrics, summarize
 
 __all__ = [
@@ -98,6 +98,7 @@ def load_test_cases(
     seed: int = 0,
     test_fraction: float = 0.3,
     num_classes: int = 2,
+    check: bool = True,
 ) -> list[dict[str, str]]:
     """The labelled test cases to evaluate, ``[{"image", "label", "case"}, ...]``.
 
@@ -106,8 +107,13 @@ def load_test_cases(
     from ``dataset_dir`` with ``seed`` and ``test_fraction`` (the same function and seed as training, so the
     same test cases; nothing is written).
 
+    With ``check`` (default) every test case is checked before any is evaluated, as training checks its cases
+    (:func:`common.data.check_cases`: readable and complete files, 3-D, image and label on one grid, label values
+    within ``0 .. num_classes-1``, no NaN/inf voxels; all-background references are counted and logged).
+
     Raises:
-        DataError: the datalist or dataset cannot be read, a listed file is missing, or there is no test case.
+        DataError: the datalist or dataset cannot be read, a listed file is missing, there is no test case, or a
+            test case fails the checks (naming the file).
     """
     if datalist:
         cases, source = _read_test_list(datalist), datalist
@@ -127,6 +133,8 @@ def load_test_cases(
     missing = [c[k] for c in cases for k in ("image", "label") if not os.path.isfile(c[k])]
     if missing:
         raise DataError(f"{source}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}.")
+    if check:
+        check_cases(cases, num_classes)
     logger.info("Evaluating %d test cases from %s.", len(cases), source)
     return cases
 
@@ -194,17 +202,9 @@ def _json_safe(x: Any) -> Any:
 
 
 def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Text through :func:`common.checkpoints.atomic_write`: temporary file, fsync, ``os.replace``; on any error
+    (a full disk included) the old file stays and the temporary file is removed; the ``OSError`` names ``path``."""
+    atomic_write(path, write, mode="w")
 
 
 def _summary_of(rows: Sequence[Mapping[str, Any]], lesion_task: bool) -> dict[str, Any]:
@@ -329,6 +329,7 @@ class CaseMetricsWriter:
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
+        check_output_dir(self.output_dir, "Evaluation output folder")  # before any case is evaluated
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)

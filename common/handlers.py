@@ -25,10 +25,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Any
 
 import torch
+
+from .checkpoints import atomic_write
 
 __all__ = ["DecayRule", "PlateauDecay", "SnapshotSaver", "convergence_epoch", "read_history", "CONVERGENCE_TOLERANCE"]
 
@@ -208,21 +209,6 @@ def snapshot_name(epoch: int) -> str:
     return f"epoch_{int(epoch):04d}.pt"
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    """Write through a temporary file in the same folder and ``os.replace`` it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class SnapshotSaver:
     """Ignite handler: save the network weights at initialisation and every ``interval`` epochs.
 
@@ -349,7 +335,7 @@ class SnapshotSaver:
     def _save(self, engine: Any, epoch: int) -> None:
         name = snapshot_name(epoch)
         state = {k: v.detach().to("cpu", copy=True) for k, v in self._module().state_dict().items()}
-        _atomic_write(os.path.join(self.snapshot_dir, name), lambda f: torch.save(state, f))
+        atomic_write(os.path.join(self.snapshot_dir, name), lambda f: torch.save(state, f))
         entry = {
             "epoch": epoch,
             "iteration": int(engine.state.iteration),
@@ -363,7 +349,7 @@ class SnapshotSaver:
 
     def _write_history(self) -> None:
         doc = {"metric_name": self.metric_name, "interval": self.interval, "entries": self.entries}
-        _atomic_write(self.history_path, lambda f: f.write(json.dumps(doc, indent=2).encode()))
+        atomic_write(self.history_path, lambda f: f.write(json.dumps(doc, indent=2).encode()))
 
 
 def read_history(source: Any) -> dict[str, Any]:

@@ -29,8 +29,10 @@ import os
 from collections.abc import Sequence
 
 import torch
+from monai.data import NibabelWriter
 
-from .data import DataError, list_images
+from .checkpoints import atomic_path
+from .data import DataError, check_image_file, check_output_dir, list_images
 
 __all__ = [
     "OVERLAP_PAPER",
@@ -44,6 +46,8 @@ __all__ = [
     "prediction_path",
     "checkpoint_state_dict",
     "check_checkpoint",
+    "check_output_dir",
+    "AtomicNibabelWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,10 +149,10 @@ def num_windows(image_size: Sequence[int], block_size: Sequence[int] | int, over
 
 
 def _has_nifti(folder: str) -> bool:
-    return any(f.endswith(_NIFTI_EXT) for f in os.listdir(folder))
+    return any(f.endswith(_NIFTI_EXT) and not f.startswith(".") for f in os.listdir(folder))  # as list_images
 
 
-def images_to_segment(source: str | Sequence[str], strict: bool = True) -> list[dict[str, str]]:
+def images_to_segment(source: str | Sequence[str], strict: bool = True, channels: int = 1) -> list[dict[str, str]]:
     """The images an inference run segments, as ``[{"image": path}, ...]`` (no labels needed).
 
     ``source`` is one of:
@@ -164,12 +168,18 @@ def images_to_segment(source: str | Sequence[str], strict: bool = True) -> list[
     so that ``ConfigWorkflow(...).initialize(); check_properties()`` works on a bundle without data; their
     ``run`` calls the strict form first).
 
+    Every NIfTI image is checked before any is segmented (:func:`common.data.check_image_file`: the header reads, a
+    3-D image with ``channels`` channel(s), the voxel data not truncated), so a bad file stops the run at once
+    with its name, not inside the data loader after other cases were written. NaN/inf voxels are found when the
+    image is loaded (``NormalizeModalityd``, naming the file).
+
     Raises:
-        DataError: naming the folder or file: it does not exist, holds no images, or lists missing images.
+        DataError: naming the folder or file: it does not exist, holds no images, lists missing images, or an
+            image is unreadable, truncated, not 3-D or has another channel count.
     """
     if not strict:
         try:
-            return images_to_segment(source, strict=True)
+            return images_to_segment(source, strict=True, channels=channels)
         except DataError as err:
             logger.warning("No images to segment yet: %s", err)
             return []
@@ -180,15 +190,19 @@ def images_to_segment(source: str | Sequence[str], strict: bool = True) -> list[
             )
         if os.path.isdir(source) and not _has_nifti(source):
             meta = os.path.join(source, "dataset.json")
-            if os.path.isfile(meta):
-                return list_images(meta)
-            raise DataError(
-                f"Input folder {source} holds no images: expected .nii or .nii.gz files in it (or a dataset.json "
-                f"of the Decathlon layout)."
-            )
-        if not os.path.exists(source):
+            if not os.path.isfile(meta):
+                raise DataError(
+                    f"Input folder {source} holds no images: expected .nii or .nii.gz files in it (or a dataset.json "
+                    f"of the Decathlon layout)."
+                )
+            source = meta
+        elif not os.path.exists(source):
             raise DataError(f"Input {source} does not exist: pass a folder of NIfTI images or a datalist JSON.")
-    return list_images(source)
+    items = list_images(source)
+    for item in items:
+        if item["image"].endswith(_NIFTI_EXT):  # other formats (e.g. a list of .nrrd paths) go to LoadImaged as is
+            check_image_file(item["image"], channels=channels)
+    return items
 
 
 def prediction_path(image: str, output_dir: str, postfix: str = PRED_POSTFIX, ext: str = ".nii.gz") -> str:
@@ -226,7 +240,17 @@ def checkpoint_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or not a torch file
-        raise ValueError(f"Cannot read checkpoint {path}: {err}") from err
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own message here suggests
+            # weights_only=False, which is beside the point for a truncated or corrupt file
+            reason = (
+                "it is not a complete PyTorch checkpoint (no readable zip archive: truncated, corrupt, or not "
+                "written by torch.save)"
+            )
+        else:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"Cannot read checkpoint {path}: {reason}.") from err
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -270,3 +294,25 @@ def check_checkpoint(path: str, network: torch.nn.Module) -> str:
     logger.info("Checkpoint %s fits %s (%d tensors).", path, arch, len(state))
     return path
 
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` made atomic: the NIfTI is written to a hidden temporary file in the target
+    folder (``.<name>.<random>.tmp.nii.gz``), flushed to disk and renamed over the target (``os.replace``).
+
+    MONAI's own writer calls ``nib.save(img, filename)`` on the final name, so a full disk or a kill during
+    the write leaves a truncated ``*_seg.nii.gz`` that looks like a result. With this writer (``SaveImaged(...,
+    writer="common.inference.AtomicNibabelWriter")``) an error leaves the old file (if any) untouched and no
+    temporary file; the ``OSError`` names the target. The file gets the usual permissions (umask), not the
+    temporary file's 0600. (``SaveImage`` reports any writer error as ``RuntimeError: SaveImage cannot find a
+    suitable writer for <file>`` followed by the writer's own traceback, where this message is.)
+    """
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:
+        filename = os.fspath(filename)
+        folder = os.path.dirname(os.path.abspath(filename))
+        base = os.path.basename(filename)
+        ext = next((e for e in _NIFTI_EXT if base.endswith(e)), os.path.splitext(base)[1])
+        with atomic_path(filename, suffix=f".tmp{ext}") as tmp:
+            super().write(tmp, verbose=False, **obj_kwargs)  # nib.save: the format follows the extension
+        if verbose:
+            logger.info("Wrote %s.", filename)

@@ -58,16 +58,34 @@ class NormalizeModality(Transform):
         return out.numpy() if is_np else out
 
 
-class NormalizeModalityd(MapTransform):
-    """Dictionary version of :class:`NormalizeModality` (``keys``: usually ``"image"``)."""
+def _check_finite(x: torch.Tensor | np.ndarray, key: Hashable) -> None:
+    t = torch.as_tensor(x)
+    if not bool(torch.isfinite(t).all()):
+        name = getattr(x, "meta", {}).get("filename_or_obj", key)
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: {n_bad} voxels are NaN or inf; fix or drop this image.")
 
-    def __init__(self, keys: KeysCollection, modality: str, allow_missing_keys: bool = False) -> None:
+
+class NormalizeModalityd(MapTransform):
+    """Dictionary version of :class:`NormalizeModality` (``keys``: usually ``"image"``).
+
+    With ``check_finite`` (default) an image holding NaN or inf voxels is refused with a ``ValueError`` naming its
+    file (from the MetaTensor's ``filename_or_obj``): the CT window would keep NaN (a silently wrong
+    segmentation) and the MR normalisation would fail without naming the file.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, modality: str, allow_missing_keys: bool = False, check_finite: bool = True
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.normalizer = NormalizeModality(modality)
+        self.check_finite = check_finite
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
+            if self.check_finite:
+                _check_finite(d[key], key)
             d[key] = self.normalizer(d[key])
         return d
 
@@ -78,10 +96,6 @@ class CheckFinited(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            x = torch.as_tensor(d[key])
-            if not bool(torch.isfinite(x).all()):
-                name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
-                n_bad = int((~torch.isfinite(x)).sum())
-                raise ValueError(f"{name}: {n_bad} voxels are NaN or inf; fix or drop this image.")
+            _check_finite(d[key], key)
         return d
 

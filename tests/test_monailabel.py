@@ -1,0 +1,165 @@
+"""The bundle in MONAI Label's `monaibundle` app: a real server on 127.0.0.1, one inference and one short training.
+
+MONAI Label 0.8.5 lives in its own environment (it needs torchvision, pins numpy < 2 and pydicom < 3), made by
+``bash tools/setup_monailabel.sh`` (default ``~/.cache/tlseg/monailabel-venv``). The test uses the interpreter
+named by ``TLSEG_MONAILABEL_PY`` or that default, and is skipped when it is missing or cannot import
+``monailabel`` and ``common``.
+
+Flow: ``monailabel apps --download --name monaibundle`` (the sample app ships in the wheel, no internet),
+a copy of the bundle in ``<app>/model/<name>`` (its configs set to the small test network: ``features=4``,
+16^3 blocks, 2 iterations per epoch) with a checkpoint whose head makes every voxel foreground, a datastore
+of 4 synthetic NIfTI images with labels in ``labels/final``, and ``monailabel start_server ... --conf
+zoo_source ngc --conf sam2 false`` (trainers enabled; nothing is downloaded at start-up). Then
+``POST /infer/<name>?image=case_000&output=image`` must return a label NIfTI of the image's shape and
+affine, all foreground (the weights really loaded: MONAI Label loads with ``strict=False``, so a key
+mismatch would silently give random weights), and ``POST /train/<name>?run_sync=true`` must train one
+epoch on the CPU starting from ``models/model.pt``, once in the server process and once through MONAI Label's
+multi-GPU path (``force_multi_gpu``: torchrun with ``multi_gpu_train.json``, two gloo ranks on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from _ecosystem import FIRST_BUNDLE, copy_bundle, free_port, small_network, tiny_dataset
+
+DEFAULT_PY = os.path.join(os.path.expanduser("~"), ".cache", "tlseg", "monailabel-venv", "bin", "python")
+ML_PY = os.environ.get("TLSEG_MONAILABEL_PY") or DEFAULT_PY
+START_TIMEOUT = 300
+
+
+def _monailabel_python() -> str:
+    if not os.path.isfile(ML_PY):
+        pytest.skip(f"no MONAI Label environment at {ML_PY}: run `bash tools/setup_monailabel.sh` (or set TLSEG_MONAILABEL_PY)")
+    proc = subprocess.run([ML_PY, "-c", "import monailabel, common"], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.skip(f"{ML_PY} cannot import monailabel and common (run tools/setup_monailabel.sh): {proc.stderr.strip()[-300:]}")
+    return ML_PY
+
+
+def _env(py: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PATH"] = os.path.dirname(py) + os.pathsep + env.get("PATH", "")  # monailabel's own subprocesses (torchrun, python)
+    return env
+
+
+def _set_small(config_path: str, **values) -> None:
+    with open(config_path) as f:
+        cfg = json.load(f)
+    cfg["network_def"]["features"] = 4
+    cfg.update(values)
+    with open(config_path, "w") as f:
+        json.dump(cfg, f, indent=4)
+
+
+def _request(url: str, method: str = "GET", body: dict | None = None, timeout: float = 600) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.mark.slow
+def test_monailabel_serves_and_trains_the_bundle(tmp_path):
+    py = _monailabel_python()
+    env = _env(py)
+    apps = tmp_path / "apps"
+    subprocess.run([py, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
+                   check=True, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))  # fmt: skip
+    app = apps / "monaibundle"
+    bdir = copy_bundle(str(app / "model" / FIRST_BUNDLE))
+    _set_small(os.path.join(bdir, "configs", "inference.json"), block_size=[16, 16, 16])
+    _set_small(os.path.join(bdir, "configs", "train.json"), block_size=[16, 16, 16], iterations_per_epoch=2)
+    ckpt = os.path.join(bdir, "models", "model.pt")
+    torch.save(small_network(all_foreground=True).state_dict(), ckpt)
+
+    ds = tiny_dataset(str(tmp_path / "ds"), 4)
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i in range(4):
+        shutil.copy(os.path.join(ds, "imagesTr", f"case_{i:03d}.nii.gz"), studies)
+        shutil.copy(os.path.join(ds, "labelsTr", f"case_{i:03d}.nii.gz"), studies / "labels" / "final")
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    cmd = [
+        py, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+        "--conf", "models", FIRST_BUNDLE, "--conf", "zoo_source", "ngc", "--conf", "sam2", "false",
+        "--conf", "preload", "false", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+    try:
+        deadline = time.time() + START_TIMEOUT
+        info = None
+        while time.time() < deadline and server.poll() is None:
+            try:
+                status, body = _request(f"{base}/info/", timeout=10)
+                if status == 200:
+                    info = json.loads(body)
+                    break
+            except OSError:
+                pass
+            time.sleep(2)
+        server_log = lambda: log_path.read_text(errors="replace")[-6000:]  # noqa: E731
+        assert info is not None, f"server did not start (exit {server.poll()}):\n{server_log()}"
+        assert FIRST_BUNDLE in info["models"], info["models"]
+        assert info["models"][FIRST_BUNDLE]["labels"] == {"liver": 1}  # metadata.json channel_def, background dropped
+        assert FIRST_BUNDLE in info["trainers"], "trainer not loaded"
+
+        status, body = _request(f"{base}/infer/{FIRST_BUNDLE}?image=case_000&output=image", method="POST")
+        assert status == 200, f"infer: HTTP {status} {body[:300]!r}\n{server_log()}"
+        pred_path = tmp_path / "pred.nii.gz"
+        pred_path.write_bytes(body)
+        pred, image = nib.load(str(pred_path)), nib.load(str(studies / "case_000.nii.gz"))
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+        seg = np.asarray(pred.dataobj)
+        assert (seg == 1).mean() > 0.99, f"not the checkpoint's output: {np.unique(seg, return_counts=True)}"
+
+        request = {"max_epochs": 1, "val_split": 0.25, "device": "cpu", "multi_gpu": False, "pretrained": True}
+        status, body = _request(f"{base}/train/{FIRST_BUNDLE}?run_sync=true", method="POST", body=request, timeout=900)
+        assert status == 200, f"train: HTTP {status} {body[:300]!r}\n{server_log()}"
+        log_text = log_path.read_text(errors="replace")
+        assert f"Restored all variables from {ckpt}" in log_text, server_log()
+        assert "Training Finished" in log_text, server_log()
+        run_dir = os.path.join(bdir, "runs", "train")
+        final = torch.load(os.path.join(run_dir, "checkpoint_final.pt"), map_location="cpu")
+        assert final["trainer"]["iteration"] == 2 and final["trainer"]["max_epochs"] == 1
+        assert os.path.isfile(os.path.join(run_dir, "model.pt"))
+
+        # MONAI Label's multi-GPU path, forced on the CPU: torchrun with ['monailabel_train.json',
+        # 'multi_gpu_train.json'] (gloo backend on two CPU ranks). The run folder is the same, and train.json
+        # resumes from it: ask for a second epoch, or the finished run would do nothing.
+        request.update(max_epochs=2, multi_gpu=True, force_multi_gpu=True, gpus="0,1")
+        status, body = _request(f"{base}/train/{FIRST_BUNDLE}?run_sync=true", method="POST", body=request, timeout=900)
+        assert status == 200, f"multi-GPU train: HTTP {status} {body[:300]!r}\n{server_log()}"
+        log_text = log_path.read_text(errors="replace")
+        assert "multi_gpu_train.json" in log_text and "--nproc_per_node=2" in log_text, server_log()
+        assert "Return code: 0" in log_text, server_log()
+        assert log_text.count("Training Finished") == 2, server_log()
+        assert "Epoch: 2/2, Iter: 2/2" in log_text, server_log()
+        final = torch.load(os.path.join(run_dir, "checkpoint_final.pt"), map_location="cpu")
+        assert final["trainer"]["iteration"] == 4 and final["trainer"]["max_epochs"] == 2
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=20)

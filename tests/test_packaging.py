@@ -1,0 +1,166 @@
+"""Release packaging (tools/package_bundles.py) and `python -m monai.bundle download` from a local HTTP server.
+
+MONAI's ``download --source github --repo owner/repo/tag`` builds the URL
+``https://github.com/<owner>/<repo>/releases/download/<tag>/<name>_v<version>.zip`` with the host fixed
+(``monai.bundle.scripts._get_git_release_url``), so it cannot be pointed at 127.0.0.1 from the command line.
+The tests therefore serve the zips from a local ``http.server`` under exactly that path layout and
+(1) run the real CLI with ``--url`` at the release-layout path, (2) call ``monai.bundle.download(source="github")``
+in-process with only the host of ``_get_git_release_url`` redirected to the local server, so the name/version
+-> file name rule and the zip layout (one top-level ``<name>/`` folder) are those of the github source.
+The downloaded bundle then runs its own ``configs/inference.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from _ecosystem import FIRST_BUNDLE, ROOT, SMALL, bundle_cmd, copy_bundle, run, serve_directory, small_network, tiny_dataset
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import package_bundles  # noqa: E402
+
+OWNER, REPO, TAG = "tlseg-test", "bundles", "v0.0-test"
+RELEASE_PATH = f"{OWNER}/{REPO}/releases/download/{TAG}"
+
+
+def _version(bundle_dir: str) -> str:
+    with open(os.path.join(bundle_dir, "configs", "metadata.json")) as f:
+        return json.load(f)["version"]
+
+
+@pytest.fixture
+def bundles_tree(tmp_path):
+    """A bundles folder holding a copy of the first bundle, with a small checkpoint in models/ and the
+    clutter a training run leaves (which must not be packed)."""
+    tree = tmp_path / "bundles"
+    bdir = copy_bundle(str(tree / FIRST_BUNDLE))
+    torch.save(small_network(all_foreground=True).state_dict(), os.path.join(bdir, "models", "model.pt"))
+    junk_files = ("runs/train/checkpoint_final.pt", "__pycache__/x.cpython-311.pyc", "configs/.train.json.swp", "data/Liver-CT/dataset.json")
+    for junk in junk_files:
+        path = os.path.join(bdir, junk)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("junk")
+    return str(tree)
+
+
+def test_help():
+    proc = run([sys.executable, os.path.join(ROOT, "tools", "package_bundles.py"), "--help"], cwd=ROOT, timeout=60)
+    assert "--base_url" in proc.stdout and "--repo" in proc.stdout and "model_info.json" in proc.stdout
+
+
+def test_zips_are_reproducible_and_indexed(bundles_tree, tmp_path):
+    base = f"https://github.com/{RELEASE_PATH}/"
+    out1, out2 = tmp_path / "dist1", tmp_path / "dist2"
+    assert package_bundles.main(["--bundles_dir", bundles_tree, "--output_dir", str(out1), "--base_url", base]) == 0
+    # --repo builds the same URL as monai.bundle download --source github
+    assert package_bundles.main(["--bundles_dir", bundles_tree, "--output_dir", str(out2), "--repo", f"{OWNER}/{REPO}/{TAG}"]) == 0
+
+    version = _version(os.path.join(bundles_tree, FIRST_BUNDLE))
+    key = f"{FIRST_BUNDLE}_v{version}"
+    zip1, zip2 = out1 / f"{key}.zip", out2 / f"{key}.zip"
+    assert zip1.read_bytes() == zip2.read_bytes(), "two runs on the same tree gave different zips"
+    assert (out1 / "model_info.json").read_bytes() == (out2 / "model_info.json").read_bytes()
+    # a third run into the same folder rewrites the same bytes
+    package_bundles.main(["--bundles_dir", bundles_tree, "--output_dir", str(out1), "--base_url", base])
+    assert zip1.read_bytes() == zip2.read_bytes()
+
+    info = json.loads((out1 / "model_info.json").read_text())
+    assert info == {key: {"checksum": hashlib.sha256(zip1.read_bytes()).hexdigest(), "source": f"{base}{key}.zip"}}
+
+    with zipfile.ZipFile(zip1) as zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        assert names == sorted(names)
+        assert all(n.startswith(f"{FIRST_BUNDLE}/") for n in names), "not one top-level <name>/ folder"
+        rel = {n[len(FIRST_BUNDLE) + 1 :] for n in names}
+        assert {"configs/metadata.json", "configs/train.json", "configs/inference.json", "models/model.pt"} <= rel
+        leaked = [n for n in rel if n.startswith(("runs", "data", "__pycache__")) or "/." in "/" + n or n.endswith(".pyc")]
+        assert not leaked, leaked
+        for i in infos:
+            assert i.date_time == (1980, 1, 1, 0, 0, 0)
+            mode = i.external_attr >> 16
+            assert mode in (0o100644, 0o040755), (i.filename, oct(mode))
+            assert (mode == 0o040755) == i.filename.endswith("/")
+
+
+def test_unknown_bundle_and_missing_url_are_errors(bundles_tree, tmp_path, capsys):
+    args = ["--bundles_dir", bundles_tree, "--output_dir", str(tmp_path)]
+    assert package_bundles.main([*args, "--base_url", "http://x/", "--names", "nope"]) == 2
+    assert "No bundle ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        package_bundles.main(args)  # --base_url or --repo required
+    assert package_bundles.main([*args, "--repo", "only/two"]) == 2
+
+
+@pytest.mark.slow
+def test_download_from_release_layout_then_run_inference(bundles_tree, tmp_path, monkeypatch):
+    serve_root = tmp_path / "www"
+    release_dir = serve_root / RELEASE_PATH
+    version = _version(os.path.join(bundles_tree, FIRST_BUNDLE))
+    key = f"{FIRST_BUNDLE}_v{version}"
+    images = tiny_dataset(str(tmp_path / "ds"), 1)
+
+    with serve_directory(str(serve_root)) as (base_url, requested):
+        release_url = f"{base_url}/{RELEASE_PATH}/"
+        package_bundles.main(["--bundles_dir", bundles_tree, "--output_dir", str(release_dir), "--base_url", release_url])
+        info = json.loads((release_dir / "model_info.json").read_text())[key]
+        assert info["source"] == f"{release_url}{key}.zip"
+
+        # (1) the real CLI, --url at the release-layout path
+        dl1 = tmp_path / "dl_url"
+        cmd = bundle_cmd("download", "--name", FIRST_BUNDLE, "--url", info["source"], "--bundle_dir", str(dl1))
+        run(cmd, cwd=str(tmp_path), timeout=300)
+        assert hashlib.sha256((dl1 / f"{FIRST_BUNDLE}.zip").read_bytes()).hexdigest() == info["checksum"]
+
+        # (2) the github source: only the host of the URL it builds is redirected to the local server
+        import monai.bundle.scripts as scripts
+
+        github_url = scripts._get_git_release_url
+        built = []
+
+        def local_release_url(repo_owner, repo_name, tag_name, filename):
+            built.append(github_url(repo_owner, repo_name, tag_name, filename))
+            return f"{base_url}/{repo_owner}/{repo_name}/releases/download/{tag_name}/{filename}"
+
+        monkeypatch.setattr(scripts, "_get_git_release_url", local_release_url)
+        dl2 = tmp_path / "dl_github"
+        scripts.download(
+            name=FIRST_BUNDLE, version=version, source="github", repo=f"{OWNER}/{REPO}/{TAG}", bundle_dir=str(dl2), progress=False
+        )
+        assert built == [f"https://github.com/{RELEASE_PATH}/{key}.zip"]
+        assert hashlib.sha256((dl2 / f"{key}.zip").read_bytes()).hexdigest() == info["checksum"]
+    assert requested.count(f"/{RELEASE_PATH}/{key}.zip") == 2
+
+    for dl in (dl1, dl2):
+        bdir = dl / FIRST_BUNDLE
+        assert (bdir / "configs" / "inference.json").is_file() and (bdir / "models" / "model.pt").is_file()
+        assert not (bdir / "runs").exists() and not (bdir / "__pycache__").exists()
+
+    # run the downloaded bundle's inference (its own configs/inference.json and models/model.pt)
+    bdir = dl1 / FIRST_BUNDLE
+    out = tmp_path / "pred"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    run(
+        bundle_cmd("run", "--config_file", str(bdir / "configs" / "inference.json"), "--meta_file", str(bdir / "configs" / "metadata.json"),
+                   "--logging_file", str(bdir / "configs" / "logging.conf"), "--bundle_root", str(bdir),
+                   "--dataset_dir", os.path.join(images, "imagesTr"), "--output_dir", str(out), *SMALL),
+        cwd=str(work), timeout=600,
+    )  # fmt: skip
+    src = nib.load(os.path.join(images, "imagesTr", "case_000.nii.gz"))
+    pred = nib.load(str(out / "case_000_seg.nii.gz"))
+    assert pred.shape == src.shape
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+    seg = np.asarray(pred.dataobj)
+    # the packaged checkpoint makes every voxel foreground: proof that it (not random weights) was used
+    assert (seg == 1).mean() > 0.99, np.unique(seg, return_counts=True)
