@@ -66,7 +66,7 @@ import torch
 import torch.nn as nn
 
 from . import capture
-from .checkpoints import atomic_write
+from .checkpoints import atomic_write, checkpoint_state_dict
 from .handlers import SNAPSHOT_DIR, convergence_epoch, read_history
 
 __all__ = [
@@ -203,10 +203,7 @@ def load_run(spec: str | Run, runs_dir: str | None = None, label: str | None = N
 
 def load_state(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a snapshot, ``model.pt`` or a checkpoint dict (``"model"`` entry)."""
-    from .transfer import _extract_state_dict
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return _extract_state_dict(obj, path)
+    return checkpoint_state_dict(path)
 
 
 # ---------------------------------------------------------------------------------------------- setup

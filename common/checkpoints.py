@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "checkpoint_state_dict",
     "atomic_path",
     "atomic_write",
     "atomic_torch_save",
@@ -268,6 +269,53 @@ class TrainingCheckpointer:
             )
             return
         engine.run()
+
+
+def checkpoint_state_dict(path: str, missing_hint: str = "", what: str = "Checkpoint") -> dict[str, torch.Tensor]:
+    """The network weights in a checkpoint file, read as MONAI's ``CheckpointLoader`` reads them.
+
+    Accepted: a plain state dict (``models/model.pt``, a run's ``model.pt``) or a dict holding it under
+    ``"model"``, ``"network"`` or ``"state_dict"`` (a run's ``checkpoint_final.pt``). ``missing_hint`` ends the
+    message when the file does not exist (what to do instead); ``what`` names the file in messages.
+    The one reader of network weights used by inference, evaluation, fine-tuning (``common.transfer``)
+    and the analyses.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message names it).
+        ValueError: the file cannot be read, or holds no network weights.
+    """
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{what} {path!r} not found: "
+            + (missing_hint or "train the model first (a run writes runs/<run_name>/model.pt; the bundle's default "
+               "is models/model.pt) or pass --ckpt_path <path to model.pt>.")
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or not a torch file
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own message here suggests
+            # weights_only=False, which is beside the point for a truncated or corrupt file
+            reason = (
+                "it is not a complete PyTorch checkpoint (no readable zip archive: truncated, corrupt, or not "
+                "written by torch.save)"
+            )
+        else:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"Cannot read {what.lower()} {path}: {reason}.") from err
+    for key in ("model", "network", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"{what} {path} holds no network weights: expected a state dict or a dict with a 'model' "
+            f"state dict, found {found}."
+        )
+    return obj
+
 
 
 def _unwrap(obj: Any) -> Any:

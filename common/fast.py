@@ -395,7 +395,8 @@ class RandGaussianNoised(_noise_base()):
     """
 
     def __init__(self, keys, prob: float = 0.1, mean: float = 0.0, std: float = 0.1, dtype=np.float32,
-                 allow_missing_keys: bool = False, sample_std: bool = True, on_device: bool = False) -> None:  # fmt: skip
+                 allow_missing_keys: bool = False, sample_std: bool = True,
+                 on_device: bool = False) -> None:  # fmt: skip
         super().__init__(keys, prob=prob, mean=mean, std=std, dtype=dtype, allow_missing_keys=allow_missing_keys,
                          sample_std=sample_std)  # fmt: skip
         self.on_device = bool(on_device)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from monai.data import NibabelWriter
 
-from .checkpoints import atomic_path
+from .checkpoints import atomic_path, checkpoint_state_dict
 from .data import DataError, check_image_file, check_output_dir, list_images
 
 __all__ = [
@@ -222,46 +222,6 @@ def prediction_path(image: str, output_dir: str, postfix: str = PRED_POSTFIX, ex
     return os.path.join(output_dir, f"{name}_{postfix}{ext}")
 
 
-def checkpoint_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The network weights in a checkpoint file, read as MONAI's ``CheckpointLoader`` reads them.
-
-    Accepted: a plain state dict (``models/model.pt``, a run's ``model.pt``) or a dict holding it under
-    ``"model"`` (a run's ``checkpoint_final.pt``).
-
-    Raises:
-        FileNotFoundError: no file at ``path`` (the message names it).
-        ValueError: the file cannot be read, or holds no network weights.
-    """
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Checkpoint {path!r} not found: train the model first (a run writes runs/<run_name>/model.pt; "
-            f"the bundle's default is models/model.pt) or pass --ckpt_path <path to model.pt>."
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated or not a torch file
-        import zipfile
-
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own message here suggests
-            # weights_only=False, which is beside the point for a truncated or corrupt file
-            reason = (
-                "it is not a complete PyTorch checkpoint (no readable zip archive: truncated, corrupt, or not "
-                "written by torch.save)"
-            )
-        else:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"Cannot read checkpoint {path}: {reason}.") from err
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(
-            f"Checkpoint {path} holds no network weights: expected a state dict or a dict with a 'model' "
-            f"state dict, found {found}."
-        )
-    return obj
-
-
 def check_checkpoint(path: str, network: torch.nn.Module) -> str:
     """Check, before running, that ``path`` exists and fits ``network`` (names and shapes); returns ``path``.
 
@@ -309,7 +269,6 @@ class AtomicNibabelWriter(NibabelWriter):
 
     def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:
         filename = os.fspath(filename)
-        folder = os.path.dirname(os.path.abspath(filename))
         base = os.path.basename(filename)
         ext = next((e for e in _NIFTI_EXT if base.endswith(e)), os.path.splitext(base)[1])
         with atomic_path(filename, suffix=f".tmp{ext}") as tmp:

@@ -23,12 +23,11 @@ log says so.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any, Iterable
+from typing import Iterable
 
-import torch
 import torch.nn as nn
 
+from .checkpoints import checkpoint_state_dict
 from .networks import he_truncated_normal_
 
 __all__ = [
@@ -103,22 +102,6 @@ def _head_keys(network: nn.Module) -> tuple[str, ...]:
     return (f"{last}.weight", f"{last}.bias")
 
 
-def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if not isinstance(obj, dict):
-        raise ValueError(f"Checkpoint {path} holds a {type(obj).__name__}, not a state dict.")
-    for key in ("model", "network", "state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            return obj[key]
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError(
-        f"Checkpoint {path} has no model weights: expected a state dict or a dict with a 'model' entry, "
-        f"found keys {sorted(obj)[:8]}."
-    )
-
-
 def load_source_weights(network: nn.Module, checkpoint: str) -> list[str]:
     """Load a source checkpoint into ``network`` for fine-tuning.
 
@@ -129,16 +112,12 @@ def load_source_weights(network: nn.Module, checkpoint: str) -> list[str]:
         FileNotFoundError: the checkpoint file does not exist.
         ValueError: the file cannot be read, or it belongs to another architecture.
     """
-    if not checkpoint or not os.path.isfile(checkpoint):
-        raise FileNotFoundError(
-            f"Source checkpoint {checkpoint!r} not found: train the source model first (the bundle's pretrain "
-            f"config) or pass --source_checkpoint <path to model.pt>."
-        )
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or truncated file
-        raise ValueError(f"Cannot read source checkpoint {checkpoint}: {err}") from err
-    source = _extract_state_dict(obj, checkpoint)
+    source = checkpoint_state_dict(
+        checkpoint,
+        missing_hint="train the source model first (the bundle's pretrain config) or pass "
+        "--source_checkpoint <path to model.pt>.",
+        what="Source checkpoint",
+    )
     target = network.state_dict()
     head = set(_head_keys(network))
     missing = sorted(set(target) - set(source))
