@@ -103,26 +103,40 @@ class RNGState:
     """The random number generator states a training run depends on, as a checkpointable object.
 
     Covers torch (CPU and, when present, CUDA), numpy's global generator, python's ``random``, and the
-    private generator (``.R``) of every random transform found in ``transforms`` (a MONAI ``Compose``,
-    a list, or None). Stored as tensors and plain numbers, so it loads with ``weights_only=True``.
+    private generators (``.R``) of every random transform found in ``transforms`` (a MONAI ``Compose``,
+    a list, or None), inner ones included. Stored as tensors and plain numbers, so it loads with ``weights_only=True``.
     """
 
     def __init__(self, transforms: Any = None) -> None:
         self.transforms = transforms
 
-    def _randomizables(self) -> list[Any]:
-        ts = self.transforms
-        if ts is None:
-            return []
-        if hasattr(ts, "transforms"):
-            ts = ts.transforms
-        out = []
-        for t in ts:
-            if hasattr(t, "transforms"):
-                out.extend(RNGState(t)._randomizables())
-            elif isinstance(getattr(t, "R", None), np.random.RandomState):
-                out.append(t)
-        return out
+    def _generators(self) -> list[np.random.RandomState]:
+        """Every ``np.random.RandomState`` of the pipeline, in a fixed order: each transform's ``.R`` and
+        those of the random transforms it holds (e.g. ``RandGaussianNoised`` draws from an inner
+        ``RandGaussianNoise``), found by walking ``transforms`` lists and attributes."""
+        found: list[np.random.RandomState] = []
+        seen: set[int] = set()
+
+        def walk(obj: Any, depth: int = 0) -> None:
+            if obj is None or id(obj) in seen or depth > 6:
+                return
+            seen.add(id(obj))
+            if isinstance(obj, (list, tuple)):
+                for o in obj:
+                    walk(o, depth + 1)
+                return
+            if not hasattr(obj, "__dict__") or isinstance(obj, (torch.Tensor, np.ndarray)):
+                return
+            r = getattr(obj, "R", None)
+            if isinstance(r, np.random.RandomState) and id(r) not in seen:
+                seen.add(id(r))
+                found.append(r)
+            for key, value in sorted(vars(obj).items()):
+                if key != "R" and (hasattr(value, "transforms") or hasattr(value, "R") or isinstance(value, (list, tuple))):
+                    walk(value, depth + 1)
+
+        walk(self.transforms)
+        return found
 
     def state_dict(self) -> dict[str, Any]:
         py = random.getstate()
@@ -130,7 +144,7 @@ class RNGState:
             "torch": torch.get_rng_state(),
             "numpy": _np_state_to_tensor(np.random.get_state()),
             "python": {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
-            "transforms": [_np_state_to_tensor(t.R.get_state()) for t in self._randomizables()],
+            "transforms": [_np_state_to_tensor(r.get_state()) for r in self._generators()],
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
@@ -141,10 +155,10 @@ class RNGState:
         np.random.set_state(_np_state_from_tensor(state["numpy"]))
         py = state["python"]
         random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-        ts = self._randomizables()
+        ts = self._generators()
         if len(ts) == len(state.get("transforms", [])):
-            for t, s in zip(ts, state["transforms"]):
-                t.R.set_state(_np_state_from_tensor(s))
+            for r, s in zip(ts, state["transforms"]):
+                r.set_state(_np_state_from_tensor(s))
         else:
             logger.warning("The checkpoint has %d random transform states, the pipeline %d: transform RNGs not restored.",
                            len(state.get("transforms", [])), len(ts))

@@ -41,6 +41,15 @@ def _net(features: int = 4, dropout: float = 0.1, seed: int = 0) -> KarimiFCN:
     return KarimiFCN(features=features, dropout=dropout)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread is enough, and spares a shared 2-core machine the OpenMP spin-waits."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("fast") / "ct"
@@ -259,7 +268,8 @@ def _run_bundle(tiny_dataset, root, switches: dict[str, object]) -> dict:
             "--train#trainer#max_epochs", "1"]  # fmt: skip
     for k, v in switches.items():
         args += [f"--{k}", str(v)]
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=str(root.parent),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=str(root.parent), env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     if proc.returncode != 0:
         raise AssertionError(f"bundle run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -87,6 +87,9 @@ TARGETS_H100 = {
 
 TRAIN_VARIANTS = ("baseline", "amp", "channels_last", "cudnn_benchmark", "all", "all+compile")
 INFER_VARIANTS = ("baseline", "sw_batch_size", "amp", "channels_last", "all")
+CONFIG_KEYS = ("block", "batches", "features", "steps", "warmup", "train_variants", "no_compile", "compile_batches",
+               "phantoms", "phantom_shape", "infer_size", "infer_block", "infer_variants", "overlaps", "infer_repeats",
+               "pwcca_channels", "pwcca_points", "sections")  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -150,7 +153,8 @@ def skip_reason(variant: str, device: torch.device, args: argparse.Namespace, ba
         if args.no_compile:
             return "--no_compile" + (" (--quick: compilation takes minutes on a CPU)" if args.quick else "")
         if batch not in args.compile_batches:
-            return f"compile measured at batch {args.compile_batches} only (--compile_batches; compilation takes minutes)"
+            return (f"compile measured at batch {args.compile_batches} only "
+                    "(--compile_batches; compilation takes minutes)")  # fmt: skip
     return None
 
 
@@ -306,7 +310,7 @@ def section_train(args: argparse.Namespace, device: torch.device, peak: float | 
                 runs.append(row)
                 log(f"train {model:14s} b{batch} {variant:15s} {res['ms_per_step']:9.1f} ms/step "
                     f"{res['it_per_s']:7.2f} it/s")  # fmt: skip
-            del x, y
+            x = y = None
             free_memory(device)
     predicted = macs["frozen_encoder"]["total"] / macs["full"]["total"]
     ratios = []
@@ -429,11 +433,12 @@ def section_pipeline(args: argparse.Namespace, device: torch.device, peak: float
                         rows.append({"model": model, "batch": batch, "step": variant, "data": f"real_{name}_loader",
                                      **res, "overhead_vs_synthetic": overhead,
                                      "meets_target": overhead <= TARGETS_H100["pipeline_overhead_max"]})  # fmt: skip
-                        del loader, it
-                del stepper, x, y
+                        loader = it = None
+                stepper = x = y = None
                 free_memory(device)
                 for r in rows:
-                    log(f"pipeline {model:14s} b{batch} step={variant:8s} {r['data']:18s} {r['ms_per_step']:9.1f} ms/step")
+                    log(f"pipeline {model:14s} b{batch} step={variant:8s} {r['data']:18s} "
+                        f"{r['ms_per_step']:9.1f} ms/step")  # fmt: skip
                 out["runs"].extend(rows)
     if not args.no_bundle_trainer:
         for batch in args.batches:
@@ -525,8 +530,8 @@ def section_inference(args: argparse.Namespace, device: torch.device) -> dict[st
                     sync(device)
                     seconds = min(seconds, time.perf_counter() - t0)
                 n = num_windows(size, block, overlap)
-                row = {**row_base, "overlap": overlap, "windows": n, "seconds": seconds, "seconds_per_window": seconds / n,
-                       "repeats": args.infer_repeats}  # fmt: skip
+                row = {**row_base, "overlap": overlap, "windows": n, "seconds": seconds,
+                       "seconds_per_window": seconds / n, "repeats": args.infer_repeats}  # fmt: skip
                 if variant == "baseline":
                     masks[overlap] = labels
                     row["speedup_vs_baseline"] = 1.0
@@ -598,8 +603,8 @@ def section_pwcca(args: argparse.Namespace, device: torch.device) -> dict[str, A
             best = min(best, time.perf_counter() - t0)
         if base_value is None:
             base_value, base_s = value, best
-        runs.append({"contender": name, "seconds": best, "value": value, "abs_diff_vs_cpu_float64": abs(value - base_value),
-                     "speedup_vs_cpu_float64": base_s / best,
+        runs.append({"contender": name, "seconds": best, "value": value,
+                     "abs_diff_vs_cpu_float64": abs(value - base_value), "speedup_vs_cpu_float64": base_s / best,
                      "meets_target": best * (1_000_000 / n) <= TARGETS_H100["pwcca_64x1M_s_max"]})  # fmt: skip
         log(f"pwcca {name:16s} {c} ch x {n} points: {best:.4f} s")
         del xd, yd
@@ -630,7 +635,8 @@ def summary(report: dict[str, Any], device: torch.device) -> list[dict[str, Any]
             if r["variant"] in ("baseline", "all"):
                 rows.append({"figure": f"frozen/full time ratio b{r['batch']} ({r['variant']})",
                              "value": round(r["measured_frozen_over_full"], 3), "unit": "",
-                             "target": f"<= {r['predicted_from_macs']:.3f} (MAC ratio)", "met": r["meets_target"]})  # fmt: skip
+                             "target": f"<= {r['predicted_from_macs']:.3f} (MAC ratio)",
+                             "met": r["meets_target"]})  # fmt: skip
     pl = report.get("pipeline")
     if pl:
         for r in pl["runs"]:
@@ -660,8 +666,10 @@ def summary(report: dict[str, Any], device: torch.device) -> list[dict[str, Any]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when available) or cpu")
-    p.add_argument("--quick", action="store_true", help="small CPU configuration (see above); sizes extrapolated where labelled")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (default when available) or cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="small CPU configuration (see above); sizes extrapolated where labelled")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run (default all)")
     p.add_argument("--block", type=int, help="training block size (default 96; --quick 32; divisible by 8)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="training batch sizes (default 1 2)")
@@ -670,16 +678,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5; --quick 1)")
     p.add_argument("--train_variants", nargs="+", choices=TRAIN_VARIANTS, default=list(TRAIN_VARIANTS))
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (default with --quick)")
-    p.add_argument("--compile", dest="force_compile", action="store_true", help="measure torch.compile also with --quick")
-    p.add_argument("--compile_batches", type=int, nargs="+", default=[1], help="batch sizes measured with compile (default 1)")
+    p.add_argument("--compile", dest="force_compile", action="store_true",
+                   help="measure torch.compile also with --quick")
+    p.add_argument("--compile_batches", type=int, nargs="+", default=[1],
+                   help="batch sizes measured with compile (default 1)")
     p.add_argument("--phantoms", type=int, help="synthetic CT phantoms for the pipeline (default 6; --quick 4)")
-    p.add_argument("--phantom_shape", type=int, nargs=3, help="phantom voxels at 2x2x4 mm (default 128 128 64; --quick 48 48 24)")
+    p.add_argument("--phantom_shape", type=int, nargs=3,
+                   help="phantom voxels at 2x2x4 mm (default 128 128 64; --quick 48 48 24)")
     p.add_argument("--no_bundle_trainer", action="store_true", help="skip the bundle SupervisedTrainer runs")
     p.add_argument("--infer_size", type=int, nargs=3, help="inference volume (default 256 256 200; --quick 48 48 40)")
     p.add_argument("--infer_block", type=int, help="sliding-window block (default 96; --quick 32)")
-    p.add_argument("--infer_variants", nargs="+", choices=INFER_VARIANTS, help="default all (--quick: baseline sw_batch_size amp all)")
+    p.add_argument("--infer_variants", nargs="+", choices=INFER_VARIANTS,
+                   help="default all (--quick: baseline sw_batch_size amp all)")
     p.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.75])
-    p.add_argument("--infer_repeats", type=int, help="best-of passes per inference run (default 2 on CUDA, 1 on the CPU)")
+    p.add_argument("--infer_repeats", type=int,
+                   help="best-of passes per inference run (default 2 on CUDA, 1 on the CPU)")
     p.add_argument("--pwcca_channels", type=int, default=64)
     p.add_argument("--pwcca_points", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=3, help="best-of repeats for PWCCA (default 3)")
@@ -696,7 +709,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.phantom_shape = args.phantom_shape or ([48, 48, 24] if q else [128, 128, 64])
     args.infer_size = args.infer_size or ([48, 48, 40] if q else list(PAPER_SIZE))
     args.infer_block = args.infer_block or (32 if q else PAPER_BLOCK)
-    args.infer_variants = args.infer_variants or (["baseline", "sw_batch_size", "amp", "all"] if q else list(INFER_VARIANTS))
+    quick_infer = ["baseline", "sw_batch_size", "amp", "all"]
+    args.infer_variants = args.infer_variants or (quick_infer if q else list(INFER_VARIANTS))
     args.no_compile = (args.no_compile or q) and not args.force_compile
     if args.block % 8 or args.infer_block % 8:
         p.error("--block and --infer_block must be divisible by 8 (the network has 4 levels)")
@@ -717,7 +731,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "tools/bench_speed.py: fast paths on/off (common.fast)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)]
+                                        + (argv if argv is not None else sys.argv[1:])),
         "device": str(device),
         "device_name": name or cpu_name(),
         "cpu": cpu_name(),
@@ -730,10 +745,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gpu_peak_bf16_dense_tflops": peak,
         "peak_table_bf16_dense_tflops": dict(PEAK_BF16_DENSE_TFLOPS),
         "quick": q,
-        "config": {k: getattr(args, k) for k in ("block", "batches", "features", "steps", "warmup", "train_variants",
-                                                 "no_compile", "compile_batches", "phantoms", "phantom_shape",
-                                                 "infer_size", "infer_block", "infer_variants", "overlaps", "infer_repeats",
-                                                 "pwcca_channels", "pwcca_points", "sections")},  # fmt: skip
+        "config": {k: getattr(args, k) for k in CONFIG_KEYS},
         "targets_h100": TARGETS_H100,
     }
     if device.type != "cuda":
