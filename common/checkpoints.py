@@ -263,10 +263,27 @@ class TrainingCheckpointer:
             return path
         return None
 
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the hidden temporary files (``.<name>.<random>.tmp``, see :func:`atomic_path`) that a run
+        killed in the middle of a write left in its folder or its sub-folders (e.g. ``snapshots/``); they
+        are never loaded, this only tidies up."""
+        removed = []
+        if self.save_enabled and os.path.isdir(self.save_dir):
+            for folder, _, names in os.walk(self.save_dir):
+                for name in names:
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(folder, name))
+                            removed.append(os.path.join(os.path.relpath(folder, self.save_dir), name))
+        if removed:
+            logger.info("Removed %d temporary file(s) of an interrupted checkpoint write: %s", len(removed), removed)
+        return removed
+
     # ------------------------------------------------------------------ engine
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
+        self.remove_stale_temporaries()
         if self.resume:
             self.load_latest(engine)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)

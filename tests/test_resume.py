@@ -69,7 +69,7 @@ def test_kill_mid_epoch_then_resume_finish_and_extend(data, tmp_path):
     killed_at = max(done)
     saved_at = _iteration(ckpt)  # never truncated: the write is atomic
     assert 0 < saved_at <= killed_at
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # a kill during a write may leave a hidden temporary file (never loaded); the next start removes it
 
     log2 = _run(cmd)
     m = re.search(r"Resumed from .*checkpoint\.pt at iteration (\d+)", log2)
@@ -78,6 +78,7 @@ def test_kill_mid_epoch_then_resume_finish_and_extend(data, tmp_path):
     assert resumed == saved_at
     assert killed_at - resumed <= 2 + 1  # at most the checkpoint interval (+ the iteration being run when killed)
     assert _iteration(os.path.join(out, "checkpoint_final.pt")) == 16
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     first_new = min(int(e) * 4 - 4 + int(i) for e, i in re.findall(r"Epoch: (\d+)/\d+, Iter: (\d+)/4", log2))
     assert first_new == resumed + 1
 
