@@ -381,8 +381,9 @@ def make_datalist(
     return datalist
 
 
-def load_datalist(path: str) -> dict[str, Any]:
-    """Read a datalist JSON written by :func:`make_datalist` (clear error when missing or malformed)."""
+def load_datalist(path: str, require: Sequence[str] = ("training", "validation", "test")) -> dict[str, Any]:
+    """Read a datalist JSON (written by :func:`make_datalist`, or a user's own with at least the ``require``
+    lists); clear error when it is missing, not JSON, or lacks a required list."""
     if not os.path.isfile(path):
         raise DataError(f"Datalist {path} not found.")
     try:
@@ -390,8 +391,8 @@ def load_datalist(path: str) -> dict[str, Any]:
             d = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"Datalist {path} cannot be read as JSON: {err}") from err
-    for key in ("training", "validation", "test"):
-        if key not in d:
+    for key in require:
+        if not isinstance(d, dict) or not isinstance(d.get(key), list):
             raise DataError(f"Datalist {path} has no '{key}' list.")
     return d
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .checkpoints import atomic_write
-from .data import DataError, _case_id, check_cases, check_output_dir, make_datalist
+from .data import DataError, _case_id, check_cases, check_output_dir, load_datalist, make_datalist
 from .metrics import HD95_CONVENTIONS, per_class_metrics, summarize
 
 __all__ = [
@@ -61,16 +61,7 @@ _GRID_ATOL = 1e-3  # mm, as common.data's same-grid check
 
 # ------------------------------------------------------------------------------------------ test split
 def _read_test_list(path: str) -> list[dict[str, str]]:
-    if not os.path.isfile(path):
-        raise DataError(f"Datalist {path} not found.")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"Datalist {path} cannot be read as JSON: {err}") from err
-    test = d.get("test") if isinstance(d, dict) else None
-    if not isinstance(test, list):
-        raise DataError(f"Datalist {path} has no 'test' list.")
+    test = load_datalist(path, require=("test",))["test"]
     base = os.path.dirname(os.path.abspath(path))
     cases = []
     for i, entry in enumerate(test):

@@ -74,6 +74,8 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "synchronize",
+    "device_name",
     "is_cuda",
     "autocast_dtype",
     "amp_kwargs",
@@ -427,3 +429,27 @@ class RandGaussianNoised(_noise_base()):
                 img, *_ = convert_data_type(img, dtype=inner.dtype)
             d[key] = img + noise.to(device=img.device, dtype=img.dtype)
         return d
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU. For timing benchmarks."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """A readable name of the device: the GPU's name, or the CPU model from ``/proc/cpuinfo``."""
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

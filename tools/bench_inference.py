@@ -23,30 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
+from common.fast import device_name, synchronize
+
 PAPER_SIZE = (256, 256, 200)
 PAPER_BLOCK = 96
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+_sync = synchronize
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -133,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "sliding-window inference, KarimiFCN with random weights, softmax + argmax",
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device_name('cpu'),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

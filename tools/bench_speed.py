@@ -52,7 +52,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -60,6 +59,8 @@ import time
 from typing import Any, Callable
 
 import torch
+
+from common.fast import device_name, synchronize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE_CONFIGS = os.path.join(ROOT, "bundles", "liver_ct_from_liver_mri", "configs")
@@ -96,20 +97,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sync = synchronize
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return device_name("cpu")
 
 
 def gpu_peak_tflops(name: str | None) -> float | None:

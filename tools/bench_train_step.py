@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import time
 
 import torch
 import torch.nn as nn
+
+from common.fast import device_name
 
 MODES = ("scratch", "frozen_random_encoder")
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     predicted = frozen["gmacs_per_step"] / full["gmacs_per_step"]
     report = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "device": device_name(args.device),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "block": [args.size] * 3,
