@@ -571,6 +571,16 @@ def similarity_markdown(summary: Sequence[Mapping[str, Any]], tests: Sequence[Ma
     return "\n".join(lines) + "\n"
 
 
+def _group_members(
+    ri_runs: Sequence[str | Run], tl_runs: Sequence[str | Run], runs_dir: str | None, analysis: str
+) -> list[tuple[str, Run]]:
+    """``[("RI", run), ..., ("TL", run), ...]``; at least one run of each group is required."""
+    ri, tl = _runs(ri_runs, runs_dir), _runs(tl_runs, runs_dir)
+    if not ri or not tl:
+        raise ValueError(f"{analysis} needs at least one R.I. run and one T.L. run.")
+    return [("RI", r) for r in ri] + [("TL", r) for r in tl]
+
+
 def similarity(
     setup: AnalysisSetup,
     ri_runs: Sequence[str | Run],
@@ -584,10 +594,7 @@ def similarity(
     """RSIM between the ``which`` models (default: convergence epoch) of all pairs of runs: R.I./R.I.,
     T.L./T.L. and R.I./T.L. (Table VII). ``direction="mean"`` averages the two weightings of each pair.
     Returns ``{"pairs", "summary", "tests"}`` and writes the CSVs and ``similarity.md``."""
-    ri, tl = _runs(ri_runs, runs_dir), _runs(tl_runs, runs_dir)
-    if not ri or not tl:
-        raise ValueError("similarity needs at least one R.I. run and one T.L. run.")
-    members = [("RI", r) for r in ri] + [("TL", r) for r in tl]
+    members = _group_members(ri_runs, tl_runs, runs_dir, "similarity")
     wanted: list[tuple[int, int, str]] = []
     for i in range(len(members)):
         for j in range(i + 1, len(members)):
@@ -666,10 +673,7 @@ def feature_reuse(
 ) -> dict[str, Any]:
     """Feature reuse per layer (Table VIII): mean over T.L. runs of RSIM(init snapshot, converged model)
     minus the mean over R.I. runs. Returns ``{"runs": rows per run and layer, "reuse": rows per layer}``."""
-    ri, tl = _runs(ri_runs, runs_dir), _runs(tl_runs, runs_dir)
-    if not ri or not tl:
-        raise ValueError("feature_reuse needs at least one R.I. run and one T.L. run.")
-    members = [("RI", r) for r in ri] + [("TL", r) for r in tl]
+    members = _group_members(ri_runs, tl_runs, runs_dir, "feature_reuse")
     allr = [r for _, r in members]
     rows: list[dict[str, Any]] = []
     for group, run in setup.tqdm(members, desc="feature reuse", unit="run"):
@@ -697,7 +701,7 @@ def feature_reuse(
         "",
         "| | " + " | ".join(layers) + " |",
         "|---|" + "---|" * len(layers),
-        f"| {title} (T.L. n={len(tl)}, R.I. n={len(ri)}) | " + " | ".join(_fmt(r["reuse"]) for r in reuse) + " |",
+        f"| {title} (T.L. n={sum(g == 'TL' for g, _ in members)}, R.I. n={sum(g == 'RI' for g, _ in members)}) | " + " | ".join(_fmt(r["reuse"]) for r in reuse) + " |",
     ]
     _write_text(os.path.join(out_dir, "feature_reuse.md"), "\n".join(md) + "\n")
     return {"runs": rows, "reuse": reuse}

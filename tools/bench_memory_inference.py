@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        from common.checkpoints import atomic_write
+
+        atomic_write(args.json, lambda f: f.write(text + "\n"), mode="w")
     return result
 
 

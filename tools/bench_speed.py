@@ -60,6 +60,7 @@ from typing import Any, Callable
 
 import torch
 
+from common.checkpoints import atomic_write
 from common.fast import device_name, synchronize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -760,8 +761,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        atomic_write(args.output, lambda f: f.write(text + "\n"), mode="w")
     return report
 
 
