@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
 
 __all__ = [
     "checkpoint_state_dict",
@@ -39,6 +41,7 @@ __all__ = [
     "atomic_write",
     "atomic_torch_save",
     "RNGState",
+    "AtomicCheckpointSaver",
     "BestModelState",
     "TrainingCheckpointer",
     "write_run_record",
@@ -356,13 +359,49 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
+class _AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler that writes each checkpoint with :func:`atomic_torch_save`.
+
+    With a fixed ``filename`` (``model.pt``), ``remove`` does nothing: ignite removes the old best file before
+    it writes the new one, and the rename over the old file is what replaces it, so the path always holds a
+    whole checkpoint (an inference process reading it meanwhile gets the old or the new weights).
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        self.dirname = str(dirname)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        atomic_torch_save(checkpoint, os.path.join(self.dirname, self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.dirname, filename))
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments and files) whose files are written atomically.
+
+    MONAI's own saver writes ``model.pt`` in place (``DiskSaver(atomic=False)``) and deletes the previous
+    best file before writing the new one, so a kill or a concurrent reader (MONAI Label's infer endpoint,
+    a fine-tuning run loading ``runs/pretrain/model.pt``) can meet a missing or truncated file. Here every
+    file goes through :func:`atomic_path` (temporary file, fsync, rename), with the usual permissions.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, *args: Any, **kwargs: Any) -> None:
+        super().__init__(save_dir, save_dict, *args, **kwargs)
+        for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+            ckpt = getattr(self, name, None)
+            if ckpt is not None:
+                ckpt.save_handler = _AtomicDiskSaver(self.save_dir, getattr(ckpt.save_handler, "filename", None))
+
+
 class BestModelState:
     """Checkpointable view of a MONAI ``CheckpointSaver``'s best-model tracking (its key-metric list), so a
     resumed run keeps ``model.pt`` as the best of the whole run, not of the part after the restart."""
 
     def __init__(self, handlers: Any) -> None:
-        from monai.handlers import CheckpointSaver
-
         savers = [h for h in (handlers or []) if isinstance(h, CheckpointSaver) and getattr(h, "_key_metric_checkpoint", None) is not None]
         self.saver = savers[0] if savers else None
 

@@ -73,6 +73,22 @@ def _request(url: str, method: str = "GET", body: dict | None = None, timeout: f
         return err.code, err.read()
 
 
+def _state(path: str) -> dict:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return obj["model"] if "model" in obj else obj
+
+
+def _assert_published(served: str, best: str, before_inode: int) -> None:
+    """The served ``models/model.pt`` was replaced (a new file renamed over it) and holds the run's best model.
+
+    (The MONAI Label test's weights make every voxel foreground with a +100 logit: the softmax is saturated,
+    the gradients vanish and training leaves the weights as they were, so the file, not its values, shows
+    the replacement there.)"""
+    now, best_state = _state(served), _state(best)
+    assert all(torch.equal(now[k], v) for k, v in best_state.items()), "models/model.pt is not the run's best model"
+    assert os.stat(served).st_ino != before_inode, "models/model.pt was not replaced"
+
+
 @pytest.mark.slow
 def test_monailabel_serves_and_trains_the_bundle(tmp_path):
     py = _monailabel_python()
@@ -86,6 +102,7 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
     _set_small(os.path.join(bdir, "configs", "train.json"), block_size=[16, 16, 16], iterations_per_epoch=2)
     ckpt = os.path.join(bdir, "models", "model.pt")
     torch.save(small_network(all_foreground=True).state_dict(), ckpt)
+    served_before = os.stat(ckpt).st_ino
 
     ds = tiny_dataset(str(tmp_path / "ds"), 4)
     studies = tmp_path / "studies"
@@ -142,10 +159,13 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
         final = torch.load(os.path.join(run_dir, "checkpoint_final.pt"), map_location="cpu")
         assert final["trainer"]["iteration"] == 2 and final["trainer"]["max_epochs"] == 1
         assert os.path.isfile(os.path.join(run_dir, "model.pt"))
+        _assert_published(ckpt, os.path.join(run_dir, "model.pt"), served_before)
+        served_before = os.stat(ckpt).st_ino
 
         # MONAI Label's multi-GPU path, forced on the CPU: torchrun with ['monailabel_train.json',
-        # 'multi_gpu_train.json'] (gloo backend on two CPU ranks). The run folder is the same, and train.json
-        # resumes from it: ask for a second epoch, or the finished run would do nothing.
+        # 'multi_gpu_train.json'] (gloo backend on two CPU ranks). Under MONAI Label there is no resume: the
+        # run starts again from the served models/model.pt (the one the first training published) and runs
+        # both epochs, 4 iterations, in the same run folder.
         request.update(max_epochs=2, multi_gpu=True, force_multi_gpu=True, gpus="0,1")
         status, body = _request(f"{base}/train/{FIRST_BUNDLE}?run_sync=true", method="POST", body=request, timeout=900)
         assert status == 200, f"multi-GPU train: HTTP {status} {body[:300]!r}\n{server_log()}"
@@ -156,6 +176,7 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
         assert "Epoch: 2/2, Iter: 2/2" in log_text, server_log()
         final = torch.load(os.path.join(run_dir, "checkpoint_final.pt"), map_location="cpu")
         assert final["trainer"]["iteration"] == 4 and final["trainer"]["max_epochs"] == 2
+        _assert_published(ckpt, os.path.join(run_dir, "model.pt"), served_before)
     finally:
         server.terminate()
         try:
@@ -163,3 +184,36 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=20)
+
+
+def test_training_started_by_monailabel_publishes_its_best_model(tmp_path):
+    """Without the MONAI Label server: ``MONAI_LABEL_APP_DIR`` in the environment (the server exports its
+    settings to the training process) turns resume off and makes the run replace ``models/model.pt`` with its
+    best model. Without it, the run leaves ``models/`` alone and a second start resumes (here: finds the run
+    finished)."""
+    from _ecosystem import SMALL, bundle_cmd, run
+
+    data = tiny_dataset(str(tmp_path / "ds"), 4)
+    bdir = copy_bundle(str(tmp_path / FIRST_BUNDLE))
+    cfg = os.path.join(bdir, "configs")
+    served = os.path.join(bdir, "models", "model.pt")
+    torch.save(small_network(seed=3).state_dict(), served)
+    before, before_inode = _state(served), os.stat(served).st_ino
+    cmd = bundle_cmd("run", "--config_file", f"['{cfg}/train.json']", "--bundle_root", bdir, "--dataset_dir", data,
+                     "--n_val", "1", "--train#trainer#max_epochs", "1", "--iterations_per_epoch", "2", *SMALL)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
+
+    run(cmd, cwd=str(tmp_path), env=env)
+    best = os.path.join(bdir, "runs", "train", "model.pt")
+    assert os.path.isfile(best)
+    assert all(torch.equal(_state(served)[k], v) for k, v in before.items()), "a plain run changed models/model.pt"
+    again = run(cmd, cwd=str(tmp_path), env=env)
+    assert "already finished" in again.stdout + again.stderr
+
+    hosted = dict(env, MONAI_LABEL_APP_DIR=str(tmp_path / "app"))
+    proc = run(cmd, cwd=str(tmp_path), env=hosted)
+    log = proc.stdout + proc.stderr
+    assert "already finished" not in log and "Epoch: 1/1, Iter: 2/2" in log
+    _assert_published(served, best, before_inode)
+    assert any(not torch.equal(_state(served)[k], v) for k, v in before.items())  # this run's own weights
+    assert not [f for f in os.listdir(os.path.dirname(served)) if f.startswith(".")], "temporary file left in models/"

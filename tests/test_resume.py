@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from common.checkpoints import RNGState, TrainingCheckpointer, atomic_torch_save, atomic_write
+from common.checkpoints import AtomicCheckpointSaver, RNGState, TrainingCheckpointer, atomic_torch_save, atomic_write
 from common.synthetic import make_scenario
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +123,58 @@ def test_atomic_write_leaves_old_file_when_the_disk_fills(tmp_path):
         atomic_write(str(path), full_disk)
     assert path.read_bytes() == old
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_best_model_file_is_never_missing_or_partial(tmp_path, monkeypatch):
+    """``AtomicCheckpointSaver`` (the bundles' best-model saver): each new best replaces ``model.pt`` by a
+    rename, the old file is never deleted first (MONAI's saver deletes it, then writes in place), and a
+    write that fails half-way leaves the previous best untouched and no temporary file."""
+    from ignite.engine import Engine, Events
+
+    net = torch.nn.Linear(2, 1)
+    scores = iter([0.2, 0.5, 0.9, 0.3])
+    evaluator = Engine(lambda engine, batch: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _score(engine):  # registered before the saver, like MONAI's metrics
+        engine.state.metrics = {"val_mean_dice": next(scores)}
+        engine.state.key_metric_name = "val_mean_dice"
+
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_filename="model.pt").attach(evaluator)
+    path = tmp_path / "model.pt"
+    removed = []
+    real_remove = os.remove
+    monkeypatch.setattr(os, "remove", lambda p, *a, **k: (removed.append(str(p)), real_remove(p, *a, **k)))
+
+    for weight in (1.0, 2.0):  # scores 0.2 then 0.5: two new bests
+        with torch.no_grad():
+            net.weight.fill_(weight)
+        evaluator.run([0], max_epochs=1)
+        assert torch.load(path, weights_only=True)["weight"].eq(weight).all()
+    assert removed == []
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+
+    # score 0.9, a new best, but the disk fills during the write: model.pt keeps weight 2
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    with pytest.raises(OSError, match=r"Cannot write .*model\.pt"):
+        evaluator.run([0], max_epochs=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True)["weight"].eq(2.0).all()
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_rng_state_round_trip_restores_every_generator():
