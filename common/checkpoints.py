@@ -28,7 +28,7 @@ import platform
 import random
 import sys
 import tempfile
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -360,24 +360,27 @@ def _unwrap(obj: Any) -> Any:
 
 
 class _AtomicDiskSaver(BaseSaveHandler):
-    """ignite save handler that writes each checkpoint with :func:`atomic_torch_save`.
+    """ignite save handler that writes each checkpoint with :func:`atomic_torch_save`, into each of
+    ``dirnames``.
 
     With a fixed ``filename`` (``model.pt``), ``remove`` does nothing: ignite removes the old best file before
     it writes the new one, and the rename over the old file is what replaces it, so the path always holds a
     whole checkpoint (an inference process reading it meanwhile gets the old or the new weights).
     """
 
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
-        self.dirname = str(dirname)
+    def __init__(self, dirnames: Sequence[str], filename: str | None = None) -> None:
+        self.dirnames = [str(d) for d in dirnames]
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        atomic_torch_save(checkpoint, os.path.join(self.dirname, self.filename or filename))
+        for dirname in self.dirnames:
+            atomic_torch_save(checkpoint, os.path.join(dirname, self.filename or filename))
 
     def remove(self, filename: str) -> None:
         if self.filename is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.dirname, filename))
+            for dirname in self.dirnames:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(dirname, filename))
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -387,14 +390,21 @@ class AtomicCheckpointSaver(CheckpointSaver):
     best file before writing the new one, so a kill or a concurrent reader (MONAI Label's infer endpoint,
     a fine-tuning run loading ``runs/pretrain/model.pt``) can meet a missing or truncated file. Here every
     file goes through :func:`atomic_path` (temporary file, fsync, rename), with the usual permissions.
+
+    Args:
+        save_dir, save_dict, *args, **kwargs: as for ``monai.handlers.CheckpointSaver``.
+        publish_dir: a second folder that receives each new best-metric file too (with ``save_key_metric``),
+            e.g. the bundle's ``models/`` folder whose ``model.pt`` inference and MONAI Label load. ``None``:
+            only ``save_dir``.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, save_dir: str, save_dict: dict, *args: Any, publish_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(save_dir, save_dict, *args, **kwargs)
         for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
             ckpt = getattr(self, name, None)
             if ckpt is not None:
-                ckpt.save_handler = _AtomicDiskSaver(self.save_dir, getattr(ckpt.save_handler, "filename", None))
+                dirs = [self.save_dir] + ([publish_dir] if publish_dir and name == "_key_metric_checkpoint" else [])
+                ckpt.save_handler = _AtomicDiskSaver(dirs, getattr(ckpt.save_handler, "filename", None))
 
 
 class BestModelState:
