@@ -14,7 +14,8 @@ zoo_source ngc --conf sam2 false`` (trainers enabled; nothing is downloaded at s
 affine, all foreground (the weights really loaded: MONAI Label loads with ``strict=False``, so a key
 mismatch would silently give random weights), and ``POST /train/<name>?run_sync=true`` must train one
 epoch on the CPU starting from ``models/model.pt``, once in the server process and once through MONAI Label's
-multi-GPU path (``force_multi_gpu``: torchrun with ``multi_gpu_train.json``, two gloo ranks on the CPU).
+multi-GPU path (``force_multi_gpu``: torchrun with ``multi_gpu_train.json``, two gloo ranks on the CPU), and each
+training must replace ``models/model.pt`` with its best model (so the infer endpoint serves what was trained).
 """
 
 from __future__ import annotations
