@@ -33,6 +33,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.checkpoints import checkpoint_state_dict
+
 from _ecosystem import FIRST_BUNDLE, copy_bundle, free_port, small_network, tiny_dataset
 
 DEFAULT_PY = os.path.join(os.path.expanduser("~"), ".cache", "tlseg", "monailabel-venv", "bin", "python")
@@ -74,18 +76,13 @@ def _request(url: str, method: str = "GET", body: dict | None = None, timeout: f
         return err.code, err.read()
 
 
-def _state(path: str) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return obj["model"] if "model" in obj else obj
-
-
 def _assert_published(served: str, best: str, before_inode: int) -> None:
     """The served ``models/model.pt`` was replaced (a new file renamed over it) and holds the run's best model.
 
     (The MONAI Label test's weights make every voxel foreground with a +100 logit: the softmax is saturated,
     the gradients vanish and training leaves the weights as they were, so the file, not its values, shows
     the replacement there.)"""
-    now, best_state = _state(served), _state(best)
+    now, best_state = checkpoint_state_dict(served), checkpoint_state_dict(best)
     assert all(torch.equal(now[k], v) for k, v in best_state.items()), "models/model.pt is not the run's best model"
     assert os.stat(served).st_ino != before_inode, "models/model.pt was not replaced"
 
@@ -199,7 +196,7 @@ def test_training_started_by_monailabel_publishes_its_best_model(tmp_path):
     cfg = os.path.join(bdir, "configs")
     served = os.path.join(bdir, "models", "model.pt")
     torch.save(small_network(seed=3).state_dict(), served)
-    before, before_inode = _state(served), os.stat(served).st_ino
+    before, before_inode = checkpoint_state_dict(served), os.stat(served).st_ino
     cmd = bundle_cmd("run", "--config_file", f"['{cfg}/train.json']", "--bundle_root", bdir, "--dataset_dir", data,
                      "--n_val", "1", "--train#trainer#max_epochs", "1", "--iterations_per_epoch", "2", *SMALL)  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
@@ -207,7 +204,7 @@ def test_training_started_by_monailabel_publishes_its_best_model(tmp_path):
     run(cmd, cwd=str(tmp_path), env=env)
     best = os.path.join(bdir, "runs", "train", "model.pt")
     assert os.path.isfile(best)
-    assert all(torch.equal(_state(served)[k], v) for k, v in before.items()), "a plain run changed models/model.pt"
+    assert all(torch.equal(checkpoint_state_dict(served)[k], v) for k, v in before.items()), "a plain run changed models/model.pt"
     again = run(cmd, cwd=str(tmp_path), env=env)
     assert "already finished" in again.stdout + again.stderr
 
@@ -216,5 +213,5 @@ def test_training_started_by_monailabel_publishes_its_best_model(tmp_path):
     log = proc.stdout + proc.stderr
     assert "already finished" not in log and "Epoch: 1/1, Iter: 2/2" in log
     _assert_published(served, best, before_inode)
-    assert any(not torch.equal(_state(served)[k], v) for k, v in before.items())  # this run's own weights
+    assert any(not torch.equal(checkpoint_state_dict(served)[k], v) for k, v in before.items())  # this run's own weights
     assert not [f for f in os.listdir(os.path.dirname(served)) if f.startswith(".")], "temporary file left in models/"
