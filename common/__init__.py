@@ -1,38 +1,86 @@
-"""Shared code of the transfer-learning segmentation bundles.
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""Shared code of the transfer-learning segmentation bundles (a small MONAI extension).
 
-The bundles' configs say ``"$import common"`` and then use ``common.<module>.<name>``, so every
-submodule is imported here. Each module holds one concept of the paper (Karimi et al.,
-"Critical assessment of transfer learning for medical image segmentation with FCNs").
+The bundles' configs say ``"$import common"`` and then use ``common.<module>.<name>``; submodules are
+imported when first used (PEP 562), so a config that only needs the network does not import matplotlib
+or scipy. One concept per module:
+
+==================  ===================================================================================
+``networks``        the paper's FCN (Fig. 1) and V-Net, with the section protocol (encoder, decoder,
+                    head, probe layers)
+``transfer``        the transfer modes: which parameters train, at which learning rate, from which source
+``transforms``      transforms MONAI lacks (modality normalisation, a MONAI Label-safe ``Spacingd``, noise
+                    on the device)
+``data``            datasets in the Decathlon layout: checks, seeded 70/30 splits, datalists
+``datasets``        MONAI ``CacheDataset``, optionally cached on the GPU
+``execution``       mixed precision, memory format, compilation, batch preparation
+``handlers``        learning-rate decay of the paper, weight snapshots, log level
+``checkpoints``     weight reading and checking, resumable training checkpoints
+``io``              atomic file output, CSV / JSON / text writers
+``runs``            run folders: the run record, snapshot history, convergence epoch
+``inference``       sliding-window inference helpers, input listing, atomic NIfTI writer
+``evaluation``      per-case metrics of a checkpoint on its test split
+``metrics``         DSC, HD95, ASSD (mm), lesion-count F1
+``rsim``            RSIM (PWCCA), SVCCA, linear CKA
+``capture``         activation capture for the analyses
+``analysis``        the paper's representation analyses
+``figures``         their PNG figures
+``synthetic``       synthetic phantoms standing in for every dataset
+``prepare``         converters of the public datasets to the Decathlon layout
+``inhouse``         the checked layout of in-house data
+``release``         which ``common`` a bundle runs with
+``errors``          a failed bundle run ends with its reason
+==================  ===================================================================================
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
+
+from .errors import install_excepthook, running_monai_bundle_cli
 
 __version__ = "0.1.0"
 
 _SUBMODULES = (
     "networks",
+    "transfer",
     "transforms",
     "data",
-    "synthetic",
-    "transfer",
+    "datasets",
+    "execution",
     "handlers",
     "checkpoints",
-    "metrics",
-    "rsim",
+    "io",
+    "runs",
     "inference",
     "evaluation",
+    "metrics",
+    "rsim",
     "capture",
     "analysis",
-    "fast",
+    "figures",
+    "synthetic",
+    "prepare",
+    "inhouse",
+    "release",
+    "errors",
 )
 
-for _name in _SUBMODULES:
-    try:
-        globals()[_name] = importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _err:  # a submodule that is not written yet must not hide the others
-        if _err.name != f"{__name__}.{_name}":
-            raise
+__all__ = ["__version__", *_SUBMODULES]
 
-del _name
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))
+
+
+if running_monai_bundle_cli():
+    install_excepthook()

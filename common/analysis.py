@@ -43,39 +43,37 @@ Activations (see ``common.capture``): seeded random blocks (96^3) from the prepr
 the first run (the bundle's deterministic transforms), the same blocks and voxel indices for both
 networks, at least 100 data points per channel by default, streamed into moment accumulators. The
 networks are built from the bundle's ``network_def`` (with the same overrides as training) and run in
-eval mode. Probe names: ``encoder-1..3`` / ``decoder-1..3`` (``probe_modules()``; the VNet analogues
-in ``common.capture.VNET_PROBES``), or any ``named_modules()`` name.
+eval mode. Probe names: ``encoder-1..3`` / ``decoder-1..3`` (the networks' ``probe_modules()``), or any
+``named_modules()`` name.
 
-Entry points: :func:`make_setup` / :class:`AnalysisSetup`, the functions named above, and
-:func:`run_analyses` (used by the bundles' ``configs/rsim.json`` and ``tools/analyze.py``).
+Entry points: :func:`common.capture.make_setup` / :class:`common.capture.AnalysisSetup`, the functions
+named above, and :func:`run_analyses` (used by the bundles' ``configs/rsim.json`` and
+``tools/analyze.py``). Run folders are read by :func:`common.runs.load_run`; the figures are drawn by
+:mod:`common.figures`.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from . import capture
-from .checkpoints import atomic_write, checkpoint_state_dict
-from .handlers import SNAPSHOT_DIR, convergence_epoch, read_history
+from .capture import AnalysisSetup
+from .checkpoints import checkpoint_state_dict
+from .figures import plot_evolution, plot_feature_maps, plot_filter_change, plot_filters
+from .io import write_csv, write_text
+from .networks import unwrap
+from .runs import Run, load_run
 
 __all__ = [
     "ANALYSES",
-    "FILTER_LAYERS",
-    "Run",
-    "load_run",
-    "AnalysisSetup",
-    "make_setup",
     "rsim_values",
     "evolution",
     "similarity",
@@ -84,264 +82,14 @@ __all__ = [
     "feature_reuse",
     "filter_change",
     "filter_change_runs",
-    "plot_filters",
-    "filters_figure",
-    "plot_feature_maps",
     "run_analyses",
-    "convergence_epoch",
 ]
 
 logger = logging.getLogger(__name__)
 
 ANALYSES = ("evolution", "similarity", "feature_reuse", "filter_change", "filters", "feature_maps")
-#: Rows of the filter pictures (the paper's Fig. 8).
-FILTER_LAYERS = ("encoder-1", "encoder-3", "decoder-1", "decoder-3")
-#: Layers of the feature-map picture (the paper's Fig. 10 shows the encoder).
-FEATURE_MAP_LAYERS = ("encoder-1", "encoder-2", "encoder-3")
 GROUPS = ("RI-RI", "TL-TL", "RI-TL")
 _GROUP_LABEL = {"RI-RI": "RSIM(R.I., R.I.)", "TL-TL": "RSIM(T.L., T.L.)", "RI-TL": "RSIM(R.I., T.L.)"}
-_SNAP_RE = re.compile(r"^epoch_(\d+)\.pt$")
-
-
-# ---------------------------------------------------------------------------------------------- runs
-@dataclass
-class Run:
-    """A run folder: its snapshots (epoch -> file), history, convergence epoch and datalist."""
-
-    path: str
-    name: str
-    snapshots: dict[int, str] = field(default_factory=dict)
-    history: dict[str, Any] | None = None
-    convergence: int | None = None
-    datalist: dict[str, Any] | None = None
-
-    def val_dice(self, epoch: int) -> float | None:
-        for e in (self.history or {}).get("entries", []):
-            if e["epoch"] == epoch:
-                return e.get("val_dice")
-        return None
-
-    def weights(self, which: str | int = "convergence") -> str:
-        """Path of the weights: ``"init"`` (epoch 0), ``"convergence"``, ``"best"`` (``model.pt``),
-        ``"last"`` (latest snapshot) or an epoch number."""
-        if which == "best":
-            path = os.path.join(self.path, "model.pt")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"Run {self.name}: no model.pt in {self.path}.")
-            return path
-        if which == "convergence" and self.convergence is None:
-            if not self.snapshots:
-                logger.info("Run %s has no snapshots: using model.pt (best validation) as the converged model.", self.name)
-                return self.weights("best")
-            raise ValueError(f"Run {self.name}: the snapshot history holds no validation DSC, no convergence epoch.")
-        if not self.snapshots:
-            raise FileNotFoundError(
-                f"Run {self.name} ({self.path}) has no weight snapshots: train it with save_snapshots true."
-            )
-        if which == "init":
-            epoch = 0
-        elif which == "last":
-            epoch = max(self.snapshots)
-        elif which == "convergence":
-            epoch = int(self.convergence)  # type: ignore[arg-type]
-        else:
-            epoch = int(which)
-        if epoch not in self.snapshots:
-            later = [e for e in sorted(self.snapshots) if e >= epoch]
-            if which == "convergence" and later:
-                logger.warning("Run %s: no snapshot of convergence epoch %d, using epoch %d.", self.name, epoch, later[0])
-                epoch = later[0]
-            else:
-                raise FileNotFoundError(f"Run {self.name}: no snapshot of epoch {epoch} (have {sorted(self.snapshots)}).")
-        return self.snapshots[epoch]
-
-    def epoch_of(self, which: str | int) -> int | None:
-        """The epoch behind ``which`` (None for ``model.pt``)."""
-        path = self.weights(which)
-        m = _SNAP_RE.match(os.path.basename(path))
-        return int(m.group(1)) if m else None
-
-
-def _split_label(spec: str) -> tuple[str | None, str]:
-    if "=" in spec and not os.path.exists(spec):
-        label, path = spec.split("=", 1)
-        if label and os.sep not in label:
-            return label, path
-    return None, spec
-
-
-def load_run(spec: str | Run, runs_dir: str | None = None, label: str | None = None) -> Run:
-    """Read a run folder. ``spec``: a path, a run name under ``runs_dir``, or ``label=path``."""
-    if isinstance(spec, Run):
-        return spec
-    lab, path = _split_label(os.fspath(spec))
-    label = label or lab
-    if not os.path.isdir(path) and runs_dir and os.path.isdir(os.path.join(runs_dir, path)):
-        path = os.path.join(runs_dir, path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Run folder {path!r} not found" + (f" (also looked in {runs_dir})" if runs_dir else "") + ".")
-    path = os.path.abspath(path)
-    run = Run(path=path, name=label or os.path.basename(os.path.normpath(path)))
-    snap_dir = os.path.join(path, SNAPSHOT_DIR)
-    if os.path.isdir(snap_dir):
-        for f in os.listdir(snap_dir):
-            m = _SNAP_RE.match(f)
-            if m:
-                run.snapshots[int(m.group(1))] = os.path.join(snap_dir, f)
-        try:
-            run.history = read_history(path)
-            run.convergence = convergence_epoch(run.history)
-        except (FileNotFoundError, ValueError) as err:
-            logger.warning("Run %s: %s", run.name, err)
-    dl = os.path.join(path, "datalist.json")
-    if os.path.isfile(dl):
-        from .data import load_datalist
-
-        run.datalist = load_datalist(dl)
-    return run
-
-
-def load_state(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a snapshot, ``model.pt`` or a checkpoint dict (``"model"`` entry)."""
-    return checkpoint_state_dict(path)
-
-
-# ---------------------------------------------------------------------------------------------- setup
-class AnalysisSetup:
-    """What every analysis needs: how to build the network, the image blocks, and the capture settings.
-
-    Args:
-        network_factory: returns a fresh network of the runs' architecture (weights are loaded into it).
-        transform: the deterministic preprocessing (a ``Compose`` on ``{"image": path}`` dicts).
-        images: the images to cut blocks from (items, paths, or preprocessed ``(C, D, H, W)`` arrays);
-            None: the ``test`` cases of the first run analysed.
-        layers: probe layers (None: the paper's six).
-        block_size, n_blocks, points_per_channel, max_blocks, seed: see ``common.capture``.
-        device: where the networks run (default: CUDA if available).
-        chunk: how many networks are compared with one reference in one pass (memory vs speed).
-        progress: show tqdm progress bars.
-    """
-
-    def __init__(
-        self,
-        network_factory: Callable[[], nn.Module],
-        transform: Callable | None = None,
-        images: Sequence[Any] | str | None = None,
-        layers: Sequence[str] | str | None = None,
-        block_size: int | Sequence[int] = capture.DEFAULT_BLOCK_SIZE,
-        n_blocks: int = capture.DEFAULT_N_BLOCKS,
-        points_per_channel: int = capture.DEFAULT_POINTS_PER_CHANNEL,
-        max_blocks: int = capture.DEFAULT_MAX_BLOCKS,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        chunk: int = 8,
-        progress: bool = True,
-    ) -> None:
-        self.network_factory = network_factory
-        self.transform = transform
-        if isinstance(images, str):
-            from .data import list_images
-
-            images = list_images(images)
-        self.images = list(images) if images is not None else None
-        if isinstance(layers, str):
-            layers = [s.strip() for s in layers.split(",") if s.strip()]
-        self.layers = list(layers) if layers else None
-        self.block_size = capture._as_block_size(block_size)
-        self.n_blocks = int(n_blocks)
-        self.points_per_channel = int(points_per_channel)
-        self.max_blocks = int(max_blocks)
-        self.seed = int(seed)
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.chunk = max(1, int(chunk))
-        self.progress = bool(progress)
-        self._sampler: capture.BlockSampler | None = None
-
-    # ------------------------------------------------------------------ pieces
-    def network(self, weights: str | Mapping[str, torch.Tensor] | nn.Module | None = None) -> nn.Module:
-        """A fresh network in eval mode on ``device``, with ``weights`` (a file, a state dict or a module) loaded."""
-        if isinstance(weights, nn.Module):
-            return weights.to(self.device).eval()
-        net = self.network_factory()
-        if weights is not None:
-            state = load_state(weights) if isinstance(weights, (str, os.PathLike)) else weights
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as err:
-                where = weights if isinstance(weights, (str, os.PathLike)) else "the given state dict"
-                raise ValueError(
-                    f"The weights of {where} do not fit the network built from the config's network_def "
-                    f"({type(net).__name__}): give the overrides the run was trained with (e.g. "
-                    f"train_overrides / --set network_def#features=4). {str(err)[:300]}"
-                ) from err
-        return net.to(self.device).eval()
-
-    def layer_names(self) -> list[str]:
-        return list(capture.probe_layers(self.network_factory(), self.layers))
-
-    def sampler(self, runs: Sequence[Run] = ()) -> capture.BlockSampler:
-        """The block sampler (built once): the setup's images, else the first run's test cases."""
-        if self._sampler is None:
-            images = self.images
-            if images is None:
-                images = _test_images(runs)
-            divisor = max(8, capture.spatial_divisor(capture._unwrap(self.network_factory())))
-            self._sampler = capture.BlockSampler(images, self.transform, self.block_size, self.seed, divisor)
-        return self._sampler
-
-    def moments(self, networks: Sequence[nn.Module], reference: nn.Module, runs: Sequence[Run] = ()):
-        return capture.layer_moments(
-            list(networks),
-            reference,
-            self.sampler(runs),
-            layers=self.layers,
-            n_blocks=self.n_blocks,
-            points_per_channel=self.points_per_channel,
-            max_blocks=self.max_blocks,
-            device=self.device,
-            seed=self.seed,
-        )
-
-    def tqdm(self, it: Iterable | None = None, **kw: Any) -> Any:
-        """A tqdm progress bar (disabled unless ``progress``)."""
-        from tqdm.auto import tqdm
-
-        return tqdm(it, disable=not self.progress, **kw)
-
-
-def _test_images(runs: Sequence[Run]) -> list[Any]:
-    for run in runs:
-        if run.datalist:
-            for key in ("test", "validation"):
-                items = run.datalist.get(key) or []
-                if items:
-                    if key != "test":
-                        logger.warning("Run %s has no test cases: using its %s cases for the blocks.", run.name, key)
-                    others = [r.name for r in runs if r.datalist and r.datalist.get("test") != run.datalist.get("test")]
-                    if others:
-                        logger.warning("Runs %s have other test cases than %s; all use the blocks of %s.", others, run.name, run.name)
-                    return [{"image": c["image"]} if isinstance(c, dict) else c for c in items]
-    raise ValueError("No images for the blocks: give images= (a datalist, a folder or a list) or runs with a datalist.json.")
-
-
-def make_setup(
-    config_files: str | Sequence[str],
-    overrides: Mapping[str, Any] | None = None,
-    images: Sequence[Any] | str | None = None,
-    network_id: str = "network_def",
-    transforms_id: str = "deterministic_transforms",
-    **kwargs: Any,
-) -> AnalysisSetup:
-    """An :class:`AnalysisSetup` from a bundle's training config(s): the network is ``network_def`` and the
-    preprocessing ``deterministic_transforms`` of that config (with ``overrides``, e.g.
-    ``{"network_def#features": 4}`` when the runs were trained with that override)."""
-    parser = capture.bundle_parser(config_files, overrides)
-    transform = capture.bundle_transforms(parser, key=transforms_id)
-
-    def factory() -> nn.Module:
-        return parser.get_parsed_content(network_id, lazy=False)
-
-    return AnalysisSetup(factory, transform, images=images or None, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -370,52 +118,12 @@ def rsim_values(acc, direction: str = "mean") -> dict[str, float]:
     return out
 
 
-def _write_csv(path: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> str:
-    fields = list(fields or (rows[0].keys() if rows else []))
-
-    def write(f) -> None:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-
-    atomic_write(path, write, mode="w")
-    logger.info("Wrote %s (%d rows).", path, len(rows))
-    return path
-
-
-def _write_text(path: str, text: str) -> str:
-    atomic_write(path, lambda f: f.write(text), mode="w")
-    logger.info("Wrote %s.", path)
-    return path
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_figure(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    logger.info("Wrote %s.", path)
-    return path
-
-
 def _runs(specs: Sequence[str | Run] | None, runs_dir: str | None = None) -> list[Run]:
     return [load_run(s, runs_dir) for s in (specs or [])]
 
 
 def _fmt(v: float, nd: int = 3) -> str:
     return "nan" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 # ---------------------------------------------------------------------------------------------- evolution
@@ -463,43 +171,9 @@ def evolution(
                     )
             del nets
             logger.info("Evolution of %s: epochs %d-%d done.", run.name, chunk[0], chunk[-1])
-    _write_csv(os.path.join(out_dir, "evolution.csv"), rows)
+    write_csv(os.path.join(out_dir, "evolution.csv"), rows)
     plot_evolution(rows, os.path.join(out_dir, "evolution.png"))
     return rows
-
-
-def plot_evolution(rows: Sequence[Mapping[str, Any]], path: str, title: str | None = None) -> str:
-    """One panel per layer, x = epoch, y = RSIM against the convergence epoch, one line per run; a star
-    marks each run's convergence epoch."""
-    layers = list(OrderedDict.fromkeys(r["layer"] for r in rows))
-    runs = list(OrderedDict.fromkeys(r["run"] for r in rows))
-    ncol = min(3, max(1, len(layers)))
-    nrow = math.ceil(len(layers) / ncol)
-    fig = _figure(4.2 * ncol, 3.2 * nrow)
-    axes = fig.subplots(nrow, ncol, squeeze=False)
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    for k, layer in enumerate(layers):
-        ax = axes[k // ncol][k % ncol]
-        for run, c in zip(runs, colors):
-            pts = sorted((r["epoch"], r["rsim"], r.get("convergence_epoch")) for r in rows if r["run"] == run and r["layer"] == layer)
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, lw=1.5, label=run)
-            conv = pts[0][2]
-            hit = [p for p in pts if p[0] == conv]
-            if hit:
-                ax.plot([hit[0][0]], [hit[0][1]], "*", color=c, ms=12, mec="k", mew=0.6)
-        ax.set_title(layer)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("RSIM vs convergence epoch")
-        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
-        ax.grid(alpha=0.3)
-    for k in range(len(layers), nrow * ncol):
-        axes[k // ncol][k % ncol].set_visible(False)
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title or "Evolution of representations (RSIM with the convergence epoch, marked *)")
-    fig.tight_layout()
-    return _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- similarity
@@ -653,10 +327,10 @@ def similarity(
     for g in ("RI-RI", "TL-TL"):
         if not any(p["group"] == g for p in pairs):
             logger.warning("Similarity: no %s pairs (a group needs at least 2 runs).", g)
-    _write_csv(os.path.join(out_dir, "similarity_pairs.csv"), pairs)
-    _write_csv(os.path.join(out_dir, "similarity_summary.csv"), summary)
-    _write_csv(os.path.join(out_dir, "similarity_ttests.csv"), tests)
-    _write_text(os.path.join(out_dir, "similarity.md"), similarity_markdown(summary, tests, alpha))
+    write_csv(os.path.join(out_dir, "similarity_pairs.csv"), pairs)
+    write_csv(os.path.join(out_dir, "similarity_summary.csv"), summary)
+    write_csv(os.path.join(out_dir, "similarity_ttests.csv"), tests)
+    write_text(os.path.join(out_dir, "similarity.md"), similarity_markdown(summary, tests, alpha))
     return {"pairs": pairs, "summary": summary, "tests": tests}
 
 
@@ -693,8 +367,8 @@ def feature_reuse(
         m = {g: [r["rsim"] for r in rows if r["layer"] == layer and r["group"] == g] for g in ("TL", "RI")}
         mt, mr = float(np.nanmean(m["TL"])), float(np.nanmean(m["RI"]))
         reuse.append({"layer": layer, "mean_rsim_tl": mt, "mean_rsim_ri": mr, "reuse": mt - mr, "n_tl": len(m["TL"]), "n_ri": len(m["RI"])})
-    _write_csv(os.path.join(out_dir, "feature_reuse_runs.csv"), rows)
-    _write_csv(os.path.join(out_dir, "feature_reuse.csv"), reuse)
+    write_csv(os.path.join(out_dir, "feature_reuse_runs.csv"), rows)
+    write_csv(os.path.join(out_dir, "feature_reuse.csv"), reuse)
     md = [
         "Feature reuse per layer (cf. Karimi et al., Table VIII): mean over T.L. runs of RSIM(init, converged) "
         "minus the mean over R.I. runs; RSIM = PWCCA averaged over both weighting directions.",
@@ -703,16 +377,16 @@ def feature_reuse(
         "|---|" + "---|" * len(layers),
         f"| {title} (T.L. n={sum(g == 'TL' for g, _ in members)}, R.I. n={sum(g == 'RI' for g, _ in members)}) | " + " | ".join(_fmt(r["reuse"]) for r in reuse) + " |",
     ]
-    _write_text(os.path.join(out_dir, "feature_reuse.md"), "\n".join(md) + "\n")
+    write_text(os.path.join(out_dir, "feature_reuse.md"), "\n".join(md) + "\n")
     return {"runs": rows, "reuse": reuse}
 
 
 # ---------------------------------------------------------------------------------------------- filter change
 def _state(obj: Any) -> dict[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
-        return capture._unwrap(obj).state_dict()
+        return unwrap(obj).state_dict()
     if isinstance(obj, (str, os.PathLike)):
-        return load_state(os.fspath(obj))
+        return checkpoint_state_dict(os.fspath(obj))
     return dict(obj)
 
 
@@ -720,7 +394,7 @@ def _conv_kinds(network: nn.Module | None) -> dict[str, bool]:
     """Conv weight key -> True for a transposed conv."""
     if network is None:
         return {}
-    net = capture._unwrap(network)
+    net = unwrap(network)
     return {f"{n}.weight": isinstance(m, nn.modules.conv._ConvTransposeNd) for n, m in net.named_modules() if isinstance(m, capture._CONVS)}
 
 
@@ -739,7 +413,7 @@ def filter_change(init: Any, converged: Any, network: nn.Module | None = None) -
     probes: dict[str, str] = {}
     if net is not None:
         try:
-            mods = {id(m): n for n, m in capture._unwrap(net).named_modules()}
+            mods = {id(m): n for n, m in unwrap(net).named_modules()}
             probes = {f"{mods[id(m)]}.weight": p for p, m in capture.probe_filters(net).items()}
         except ValueError:
             probes = {}
@@ -787,146 +461,9 @@ def filter_change_runs(
     for run in setup.tqdm(runs, desc="filter change", unit="run"):
         for i, r in enumerate(filter_change(run.weights("init"), run.weights(which), template)):
             rows.append({"run": run.name, "index": i, **r, "converged_epoch": run.epoch_of(which)})
-    _write_csv(os.path.join(out_dir, "filter_change.csv"), rows)
+    write_csv(os.path.join(out_dir, "filter_change.csv"), rows)
     plot_filter_change(rows, os.path.join(out_dir, "filter_change.png"))
     return rows
-
-
-def plot_filter_change(rows: Sequence[Mapping[str, Any]], path: str) -> str:
-    runs = list(OrderedDict.fromkeys(r["run"] for r in rows))
-    convs = list(OrderedDict.fromkeys(r["conv"] for r in rows))
-    probe_of = {r["conv"]: r["probe"] for r in rows if r.get("probe")}
-    fig = _figure(max(8.0, 0.22 * len(convs) * max(1, len(runs)) ** 0.5), 4.5)
-    ax = fig.subplots()
-    width = 0.8 / max(1, len(runs))
-    x = np.arange(len(convs))
-    for k, run in enumerate(runs):
-        v = {r["conv"]: r["rel_change"] for r in rows if r["run"] == run}
-        ax.bar(x + (k - (len(runs) - 1) / 2) * width, [v.get(c, np.nan) for c in convs], width, label=run, color=f"C{k % 10}")
-    ticks = [i for i, c in enumerate(convs) if c in probe_of]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([probe_of[convs[i]] for i in ticks], rotation=45, ha="right", fontsize=8)
-    ax.set_xlabel("convolution layers in module order (the convs producing the probe layers labelled)")
-    ax.set_ylabel(r"$\|W_{conv} - W_{init}\| / \|W_{init}\|$")
-    ax.set_title("Relative change of the convolution weights from initialisation to convergence")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save_figure(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------- pictures
-def _filters_2d(conv: nn.Module, picks: Sequence[int]) -> list[np.ndarray]:
-    w = conv.weight.detach().double().cpu()
-    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-        w = w.transpose(0, 1)
-    out = []
-    for j in picks:
-        k = w[j, 0]
-        while k.ndim > 2:  # central slice along the first spatial axis
-            k = k[k.shape[0] // 2]
-        out.append(k.numpy())
-    return out
-
-
-def plot_filters(
-    setup: AnalysisSetup,
-    run: str | Run,
-    path: str | None = None,
-    layers: Sequence[str] = FILTER_LAYERS,
-    n_filters: int = 4,
-    which: str | int = "convergence",
-    out_dir: str | None = None,
-    runs_dir: str | None = None,
-) -> str:
-    """Selected filters at init, at convergence and their difference (Figs. 8-9): rows = layers, three
-    column groups of ``n_filters`` filters (evenly spaced output filters, input channel 0, central slice),
-    one grey scale per row. Works for any network whose probe convs ``common.capture.probe_filters`` finds
-    (the paper's FCN, MONAI's VNet by module name)."""
-    run = load_run(run, runs_dir)
-    path = path or os.path.join(out_dir or ".", f"filters_{_safe(run.name)}.png")
-    n0, n1 = setup.network(run.weights("init")), setup.network(run.weights(which))
-    title = f"{run.name}: filters at init (epoch 0), convergence (epoch {run.epoch_of(which)}) and difference"
-    return filters_figure(n0, n1, path, layers, n_filters, title)
-
-
-def filters_figure(
-    init: nn.Module,
-    converged: nn.Module,
-    path: str,
-    layers: Sequence[str] = FILTER_LAYERS,
-    n_filters: int = 4,
-    title: str = "filters at init, convergence and difference",
-) -> str:
-    """The picture of :func:`plot_filters` for two networks of the same architecture."""
-    f0, f1 = capture.probe_filters(init, list(layers)), capture.probe_filters(converged, list(layers))
-    fig = _figure(1.15 * 3 * n_filters + 1.5, 1.3 * len(f0) + 0.8)
-    axes = fig.subplots(len(f0), 3 * n_filters, squeeze=False)
-    for r, name in enumerate(f0):
-        c0, c1 = f0[name], f1[name]
-        n_out = c0.weight.shape[1] if isinstance(c0, nn.modules.conv._ConvTransposeNd) else c0.weight.shape[0]
-        picks = sorted(set(np.linspace(0, n_out - 1, n_filters).round().astype(int).tolist()))
-        a, b = _filters_2d(c0, picks), _filters_2d(c1, picks)
-        d = [y - x for x, y in zip(a, b)]
-        lim = max(float(np.abs(np.stack(a + b)).max()), 1e-12)
-        for g, (imgs, label) in enumerate(((a, "init"), (b, "convergence"), (d, "difference"))):
-            for c in range(n_filters):
-                ax = axes[r][g * n_filters + c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c < len(imgs):
-                    ax.imshow(imgs[c], cmap="gray", vmin=-lim, vmax=lim, interpolation="nearest")
-                if r == 0 and c == 0:
-                    ax.set_title(label, fontsize=9, loc="left")
-                if g == 0 and c == 0:
-                    ax.set_ylabel(name, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path)
-
-
-def plot_feature_maps(
-    setup: AnalysisSetup,
-    run: str | Run,
-    path: str | None = None,
-    layers: Sequence[str] = FEATURE_MAP_LAYERS,
-    n_channels: int = 4,
-    block_index: int = 0,
-    which: str | int = "convergence",
-    out_dir: str | None = None,
-    runs_dir: str | None = None,
-) -> str:
-    """Feature maps of one image block at ``layers`` of the ``which`` model (Fig. 10): per layer the
-    central axial slice (last axis) of the ``n_channels`` channels with the largest variance, beside the
-    input block's slice."""
-    run = load_run(run, runs_dir)
-    path = path or os.path.join(out_dir or ".", f"feature_maps_{_safe(run.name)}.png")
-    net = setup.network(run.weights(which))
-    block = setup.sampler([run])[block_index].to(setup.device)
-    with capture.ActivationRecorder(net, list(layers)) as rec:
-        outs = rec.run(block)
-    fig = _figure(1.9 * (n_channels + 1), 1.9 * len(outs) + 0.6)
-    axes = fig.subplots(len(outs), n_channels + 1, squeeze=False)
-    img = block[0, 0].cpu().numpy()
-    for r, (name, act) in enumerate(outs.items()):
-        a = act[0].float().cpu()
-        var = a.reshape(a.shape[0], -1).var(dim=1)
-        chans = torch.argsort(var, descending=True)[:n_channels].tolist()
-        ax = axes[r][0]
-        ax.imshow(img[..., img.shape[-1] // 2].T, cmap="gray", origin="lower")
-        ax.set_ylabel(name, fontsize=9)
-        if r == 0:
-            ax.set_title("input", fontsize=9)
-        for c in range(n_channels):
-            ax = axes[r][c + 1]
-            if c < len(chans):
-                m = a[chans[c]].numpy()
-                ax.imshow(m[..., m.shape[-1] // 2].T, cmap="gray", origin="lower")
-                ax.set_title(f"channel {chans[c]}", fontsize=8)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"{run.name}: feature maps (epoch {run.epoch_of(which)}), block {block_index}", fontsize=10)
-    return _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- driver

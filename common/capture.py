@@ -13,9 +13,11 @@ neuron. Here:
   ``NormalizeModalityd``), taken from its config by :func:`bundle_transforms` so there is one source
   of truth; any callable on ``{"image": path}`` dicts (a ``Compose``) will do.
 * :class:`ActivationRecorder` puts forward hooks on named probe layers: by default the six of the
-  paper (``encoder-1..3``, ``decoder-1..3``) from the network's ``probe_modules()`` (for MONAI's VNet
-  the analogous stages, :data:`VNET_PROBES`); any module can also be named by its ``named_modules()``
-  name. Outputs are cloned (a later in-place op cannot change them).
+  paper (``encoder-1..3``, ``decoder-1..3``) from the network's ``probe_modules()`` (the section protocol
+  of :mod:`common.networks`); any module can also be named by its ``named_modules()`` name. Outputs are
+  cloned: the FCN's in-place ReLU would otherwise overwrite a convolution's recorded output. (That, and
+  running under ``torch.inference_mode``, is why this is not MONAI's ``monai.visualize`` ``ModelWithHooks``,
+  which keeps references to the hooked outputs.)
 * :func:`layer_moments` runs the same blocks through a reference network ``y`` and one or more
   networks ``x`` (eval mode, no autograd), subsamples the voxels of each layer (the same voxel
   indices for every network, seeded by block and layer) and streams them block by block into one
@@ -26,6 +28,9 @@ neuron. Here:
 
 Each accumulator holds the first and second moments of both sides, so RSIM can be read with the
 weights from either side (:func:`swap` exchanges ``x`` and ``y``) without another pass.
+
+:class:`AnalysisSetup` (made from a bundle's training config by :func:`make_setup`) holds what every
+analysis of :mod:`common.analysis` needs: how to build the network, the image blocks and these settings.
 """
 
 from __future__ import annotations
@@ -33,21 +38,25 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .networks import PROBE_NAMES, spatial_divisor
+from .networks import PROBE_NAMES, spatial_divisor, unwrap
+from .checkpoints import checkpoint_state_dict
 from .rsim import MomentAccumulator
+
+if TYPE_CHECKING:
+    from .runs import Run
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_N_BLOCKS",
     "DEFAULT_POINTS_PER_CHANNEL",
-    "VNET_PROBES",
     "probe_layers",
     "probe_filters",
     "bundle_parser",
@@ -56,6 +65,8 @@ __all__ = [
     "ActivationRecorder",
     "layer_moments",
     "swap",
+    "AnalysisSetup",
+    "make_setup",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,34 +79,12 @@ DEFAULT_POINTS_PER_CHANNEL = 100
 #: At most this many blocks are drawn to reach the points-per-channel target.
 DEFAULT_MAX_BLOCKS = 256
 
-#: MONAI VNet stages standing in for the paper's six probe points (same resolution pattern:
-#: full, 1/2, 1/4 in the encoder; 1/4, 1/2, full in the decoder).
-VNET_PROBES = OrderedDict(
-    [
-        ("encoder-1", "in_tr"),
-        ("encoder-2", "down_tr32"),
-        ("encoder-3", "down_tr64"),
-        ("decoder-1", "up_tr128"),
-        ("decoder-2", "up_tr64"),
-        ("decoder-3", "up_tr32"),
-    ]
-)
-
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    while hasattr(network, "module") and isinstance(network.module, nn.Module):
-        network = network.module
-    return network
 
 
 def _default_probes(network: nn.Module) -> "OrderedDict[str, nn.Module]":
     if hasattr(network, "probe_modules"):
         return OrderedDict(network.probe_modules())
-    names = dict(network.named_modules())
-    if all(v in names for v in VNET_PROBES.values()):
-        return OrderedDict((k, names[v]) for k, v in VNET_PROBES.items())
     raise ValueError(
         f"{type(network).__name__} has no probe_modules(): name the layers to analyse by their named_modules() names."
     )
@@ -104,11 +93,11 @@ def _default_probes(network: nn.Module) -> "OrderedDict[str, nn.Module]":
 def probe_layers(network: nn.Module, layers: Sequence[str] | str | None = None) -> "OrderedDict[str, nn.Module]":
     """Name -> module of the layers to probe.
 
-    ``layers``: None for the paper's six (``probe_modules()``; the :data:`VNET_PROBES` stages of a VNet),
+    ``layers``: None for the paper's six (the network's ``probe_modules()``),
     or names, each a probe name (``"encoder-1"``) or any ``named_modules()`` name (``"encoder.0.residual"``).
     A comma-separated string is split.
     """
-    network = _unwrap(network)
+    network = unwrap(network)
     if layers is None:
         return _default_probes(network)
     if isinstance(layers, str):
@@ -137,11 +126,10 @@ def probe_layers(network: nn.Module, layers: Sequence[str] | str | None = None) 
 def probe_filters(network: nn.Module, layers: Sequence[str] | str | None = None) -> "OrderedDict[str, nn.Module]":
     """Name -> the convolution producing each probe layer (for filter pictures and filter change).
 
-    Uses the network's ``probe_filters()`` where it has one (the paper's FCN); otherwise (e.g. MONAI's
-    VNet) the last convolution, in ``named_modules()`` order, inside each probe module; a name that is
-    itself a convolution is taken as is.
+    Uses the network's ``probe_filters()`` for its probe names; for any other module name, the module itself
+    when it is a convolution, else the last convolution inside it (``named_modules()`` order).
     """
-    network = _unwrap(network)
+    network = unwrap(network)
     mods = probe_layers(network, layers)
     own = OrderedDict(network.probe_filters()) if hasattr(network, "probe_filters") else OrderedDict()
     out: "OrderedDict[str, nn.Module]" = OrderedDict()
@@ -174,7 +162,7 @@ def bundle_parser(config_files: str | Sequence[str], overrides: Mapping[str, Any
 
 
 def bundle_transforms(config_files: str | Sequence[str] | Any, overrides: Mapping[str, Any] | None = None,
-                      key: str = "deterministic_transforms") -> Callable:
+                      key: str = "preprocessing") -> Callable:
     """The bundle's deterministic preprocessing as a ``Compose`` (``key`` of the config; a list is composed).
 
     ``config_files`` may also be a parsed ``ConfigParser``. Labels are optional: the map transforms are set
@@ -370,7 +358,7 @@ def layer_moments(
     ref_dev = next(reference.parameters()).device if device is None else torch.device(device)
     dev = torch.device(ref_dev)
     originals = [(m, next(m.parameters()).device, m.training) for m in [reference, *nets]]
-    divisor = max(spatial_divisor(_unwrap(m)) for m in [reference, *nets])
+    divisor = max(spatial_divisor(unwrap(m)) for m in [reference, *nets])
     if any(s % divisor for s in sampler.block_size):
         raise ValueError(f"block_size {list(sampler.block_size)} must be divisible by {divisor} for these networks.")
     try:
@@ -435,3 +423,148 @@ def swap(acc: MomentAccumulator) -> MomentAccumulator:
     out.mxx, out.myy = acc.myy, acc.mxx
     out.mxy = None if acc.mxy is None else acc.mxy.T.copy()
     return out
+
+
+# ---------------------------------------------------------------------------------------------- setup
+class AnalysisSetup:
+    """What every analysis needs: how to build the network, the image blocks, and the capture settings.
+
+    Args:
+        network: the runs' architecture: a network (deep-copied for each use; e.g. the bundle's ``network_def``)
+            or a callable returning a fresh one. Weights are loaded into the copies.
+        transform: the deterministic preprocessing (a ``Compose`` on ``{"image": path}`` dicts).
+        images: the images to cut blocks from (items, paths, or preprocessed ``(C, D, H, W)`` arrays);
+            None: the ``test`` cases of the first run analysed.
+        layers: probe layers (None: the paper's six).
+        block_size, n_blocks, points_per_channel, max_blocks, seed: see ``common.capture``.
+        device: where the networks run (default: CUDA if available).
+        chunk: how many networks are compared with one reference in one pass (memory vs speed).
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module | Callable[[], nn.Module],
+        transform: Callable | None = None,
+        images: Sequence[Any] | str | None = None,
+        layers: Sequence[str] | str | None = None,
+        block_size: int | Sequence[int] = DEFAULT_BLOCK_SIZE,
+        n_blocks: int = DEFAULT_N_BLOCKS,
+        points_per_channel: int = DEFAULT_POINTS_PER_CHANNEL,
+        max_blocks: int = DEFAULT_MAX_BLOCKS,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        chunk: int = 8,
+        progress: bool = True,
+    ) -> None:
+        self._network = network
+        self.transform = transform
+        if isinstance(images, str):
+            from .data import list_images
+
+            images = list_images(images)
+        self.images = list(images) if images is not None else None
+        if isinstance(layers, str):
+            layers = [s.strip() for s in layers.split(",") if s.strip()]
+        self.layers = list(layers) if layers else None
+        self.block_size = _as_block_size(block_size)
+        self.n_blocks = int(n_blocks)
+        self.points_per_channel = int(points_per_channel)
+        self.max_blocks = int(max_blocks)
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.chunk = max(1, int(chunk))
+        self.progress = bool(progress)
+        self._sampler: BlockSampler | None = None
+
+    # ------------------------------------------------------------------ pieces
+    def network_factory(self) -> nn.Module:
+        """A fresh network of the runs' architecture (random or template weights)."""
+        if isinstance(self._network, nn.Module):
+            return copy.deepcopy(unwrap(self._network)).cpu()
+        return self._network()
+
+    def network(self, weights: str | Mapping[str, torch.Tensor] | nn.Module | None = None) -> nn.Module:
+        """A fresh network in eval mode on ``device``, with ``weights`` (a file, a state dict or a module) loaded."""
+        if isinstance(weights, nn.Module):
+            return weights.to(self.device).eval()
+        net = self.network_factory()
+        if weights is not None:
+            state = checkpoint_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else weights
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as err:
+                where = weights if isinstance(weights, (str, os.PathLike)) else "the given state dict"
+                raise ValueError(
+                    f"The weights of {where} do not fit the network built from the config's network_def "
+                    f"({type(net).__name__}): give the overrides the run was trained with (e.g. "
+                    f"train_overrides / --set network_def#features=4). {str(err)[:300]}"
+                ) from err
+        return net.to(self.device).eval()
+
+    def layer_names(self) -> list[str]:
+        return list(probe_layers(self.network_factory(), self.layers))
+
+    def sampler(self, runs: Sequence["Run"] = ()) -> BlockSampler:
+        """The block sampler (built once): the setup's images, else the first run's test cases."""
+        if self._sampler is None:
+            images = self.images
+            if images is None:
+                images = _test_images(runs)
+            divisor = max(8, spatial_divisor(unwrap(self.network_factory())))
+            self._sampler = BlockSampler(images, self.transform, self.block_size, self.seed, divisor)
+        return self._sampler
+
+    def moments(self, networks: Sequence[nn.Module], reference: nn.Module, runs: Sequence["Run"] = ()):
+        return layer_moments(
+            list(networks),
+            reference,
+            self.sampler(runs),
+            layers=self.layers,
+            n_blocks=self.n_blocks,
+            points_per_channel=self.points_per_channel,
+            max_blocks=self.max_blocks,
+            device=self.device,
+            seed=self.seed,
+        )
+
+    def tqdm(self, it: Iterable | None = None, **kw: Any) -> Any:
+        """A tqdm progress bar (disabled unless ``progress``)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(it, disable=not self.progress, **kw)
+
+
+def _test_images(runs: Sequence[Run]) -> list[Any]:
+    for run in runs:
+        if run.datalist:
+            for key in ("test", "validation"):
+                items = run.datalist.get(key) or []
+                if items:
+                    if key != "test":
+                        logger.warning("Run %s has no test cases: using its %s cases for the blocks.", run.name, key)
+                    others = [r.name for r in runs if r.datalist and r.datalist.get("test") != run.datalist.get("test")]
+                    if others:
+                        logger.warning("Runs %s have other test cases than %s; all use the blocks of %s.", others, run.name, run.name)
+                    return [{"image": c["image"]} if isinstance(c, dict) else c for c in items]
+    raise ValueError("No images for the blocks: give images= (a datalist, a folder or a list) or runs with a datalist.json.")
+
+
+def make_setup(
+    config_files: str | Sequence[str],
+    overrides: Mapping[str, Any] | None = None,
+    images: Sequence[Any] | str | None = None,
+    network_id: str = "network_def",
+    transforms_id: str = "preprocessing",
+    **kwargs: Any,
+) -> AnalysisSetup:
+    """An :class:`AnalysisSetup` from a bundle's training config(s): the network is ``network_def`` and the
+    preprocessing ``preprocessing`` of that config (with ``overrides``, e.g.
+    ``{"network_def#features": 4}`` when the runs were trained with that override)."""
+    parser = bundle_parser(config_files, overrides)
+    transform = bundle_transforms(parser, key=transforms_id)
+
+    def factory() -> nn.Module:
+        return parser.get_parsed_content(network_id, lazy=False)
+
+    return AnalysisSetup(factory, transform, images=images or None, **kwargs)

@@ -1,95 +1,133 @@
-"""Resumable training: atomic checkpoints, RNG states, and a run record beside the outputs.
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""Checkpoints: the one reader of network weights, the one "do these weights fit this network" check, and
+resumable training.
 
-:class:`TrainingCheckpointer` (an ignite handler, ``checkpointer`` in the bundles' ``train.json``):
-
-* every ``interval`` iterations, at the end of every epoch and at the end of the run it writes one
-  rolling ``checkpoint.pt`` (and ``checkpoint_final.pt`` at the end) holding the state dicts of its
-  ``save_dict`` (model, optimizer, learning-rate decay state, trainer counters, best-model tracker) and
-  the random number generator states (torch, numpy, python, and every random transform's own);
-* every write goes to a temporary file in the same folder, is flushed to disk, then renamed over the
-  old file (``os.replace`` is atomic): a kill at any moment leaves either the old or the new file,
-  never a truncated one;
-* on ``attach`` with ``resume=True`` it loads the newest readable checkpoint of ``save_dir``, so the
-  same command started again continues where the killed run stopped (losing at most the iterations
-  since that checkpoint); ``max_epochs`` of the new command wins, so a finished run can be extended;
-* :meth:`run` runs the trainer, or says that the run has already finished and does nothing.
-
-:func:`write_run_record` writes ``run_info.json`` (seed, command line, package versions, host) and
-copies the config files of the command beside the outputs.
+* :func:`checkpoint_state_dict` reads the network weights of any checkpoint file the bundles meet (a plain
+  state dict such as ``models/model.pt``, or a dict holding one under ``"model"``), as MONAI's
+  ``CheckpointLoader`` reads them; inference, evaluation, fine-tuning and the analyses all use it.
+* :func:`check_state_fits` says, with the file named, why weights do not fit a network (missing or
+  unexpected keys, shapes), before MONAI's ``CheckpointLoader`` (MONAI Label loads with ``strict=False``,
+  where a mismatch only warns and then runs random weights) or ``load_state_dict`` meets them.
+* :class:`TrainingCheckpointer` (an ignite handler, ``checkpointer`` in the bundles' ``train.json``): every
+  ``interval`` iterations, at the end of every epoch and at the end of the run it writes one rolling
+  ``checkpoint.pt`` (and ``checkpoint_final.pt`` at the end) holding the state dicts of its ``save_dict``
+  (model, optimizer, learning-rate decay, trainer counters, best-model tracker) and the random number
+  generator states (:class:`RNGState`: torch, numpy, python and every random transform's own). Every write
+  is atomic (:mod:`common.io`). On ``attach`` with ``resume=True`` it loads the newest readable checkpoint, so
+  the same command started again continues where a killed run stopped; ``max_epochs`` of the new command
+  wins, so a finished run can be extended; :meth:`TrainingCheckpointer.run` runs the trainer or says that
+  the run has already finished.
+* :class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` writing atomically, whose best-model tracking
+  is part of the training checkpoint (``state_dict``), so a resumed run keeps ``model.pt`` as the best of the
+  whole run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
 import random
-import sys
-import tempfile
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
+from .io import atomic_torch_save, remove_stale_temporaries
+from .networks import unwrap
+
 __all__ = [
     "checkpoint_state_dict",
-    "atomic_path",
-    "atomic_write",
-    "atomic_torch_save",
+    "check_state_fits",
     "RNGState",
-    "AtomicCheckpointSaver",
-    "BestModelState",
     "TrainingCheckpointer",
-    "write_run_record",
+    "AtomicCheckpointSaver",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
-    """Yield a temporary path in ``path``'s folder; when the block succeeds the file is fsynced, given the
-    usual permissions (``0o666 & ~umask``, not ``mkstemp``'s 0600) and renamed over ``path`` (``os.replace``
-    is atomic). On any error the temporary file is removed, ``path`` is untouched, and an ``OSError``
-    names ``path``.
+def checkpoint_state_dict(path: str, missing_hint: str = "", what: str = "Checkpoint") -> dict[str, torch.Tensor]:
+    """The network weights in a checkpoint file, read as MONAI's ``CheckpointLoader`` reads them.
+
+    Accepted: a plain state dict (``models/model.pt``, a run's ``model.pt``) or a dict holding it under
+    ``"model"``, ``"network"`` or ``"state_dict"`` (a run's ``checkpoint_final.pt``). ``missing_hint`` ends the
+    message when the file does not exist (what to do instead); ``what`` names the file in messages.
+    The one reader of network weights used by inference, evaluation, fine-tuning (``common.transfer``)
+    and the analyses.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message names it).
+        ValueError: the file cannot be read, or holds no network weights.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{what} {path!r} not found: "
+            + (missing_hint or "train the model first (a run writes runs/<run_name>/model.pt; the bundle's default "
+               "is models/model.pt) or pass --ckpt_path <path to model.pt>.")
+        )
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=folder)
-        os.close(fd)
-    except OSError as err:
-        raise OSError(err.errno, f"Cannot write {path}: {err.strerror}") from err
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"Cannot write {path}: {err.strerror or err}") from err
-        raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or not a torch file
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own message here suggests
+            # weights_only=False, which is beside the point for a truncated or corrupt file
+            reason = (
+                "it is not a complete PyTorch checkpoint (no readable zip archive: truncated, corrupt, or not "
+                "written by torch.save)"
+            )
+        else:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"Cannot read {what.lower()} {path}: {reason}.") from err
+    for key in ("model", "network", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"{what} {path} holds no network weights: expected a state dict or a dict with a 'model' "
+            f"state dict, found {found}."
+        )
+    return obj
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` atomically (see :func:`atomic_path`): ``write(f)`` fills the temporary file."""
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, newline="" if "b" not in mode else None) as f:
-            write(f)
+def check_state_fits(
+    state: Mapping[str, torch.Tensor], network: torch.nn.Module, source: str, may_differ: Collection[str] = ()
+) -> list[str]:
+    """Check that the weights ``state`` (read from ``source``, named in messages) fit ``network``: the same
+    keys, and the same shapes except for the keys in ``may_differ`` (e.g. the output head when fine-tuning
+    to another class count). Returns the keys of ``may_differ`` whose shapes differ.
 
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    Raises:
+        ValueError: keys missing or unexpected (another architecture), or shapes that differ (other
+            ``network_def`` settings: features, levels, in/out channels); the message names ``source``.
+    """
+    network = unwrap(network)
+    target = network.state_dict()
+    arch = type(network).__name__
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not fit the network {arch}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). It was saved from another architecture; "
+            f"check network_def in the config."
+        )
+    differ = [k for k in target if tuple(state[k].shape) != tuple(target[k].shape)]
+    bad = [k for k in differ if k not in may_differ]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"{source} does not fit the network {arch}: {len(bad)} tensors differ in shape, e.g. {k} is "
+            f"{tuple(state[k].shape)} in the file and {tuple(target[k].shape)} in the network. It was saved with "
+            f"other network_def settings (features, levels, in/out channels)."
+        )
+    return differ
 
 
 def _np_state_to_tensor(state: tuple) -> dict[str, Any]:
@@ -214,7 +252,7 @@ class TrainingCheckpointer:
 
     # ------------------------------------------------------------------ saving
     def _state(self) -> dict[str, Any]:
-        return {k: _unwrap(obj).state_dict() for k, obj in self.save_dict.items()}
+        return {k: unwrap(obj).state_dict() for k, obj in self.save_dict.items()}
 
     def save(self, engine: Any = None) -> None:
         if self.save_enabled:
@@ -247,7 +285,7 @@ class TrainingCheckpointer:
             prior_max_epochs = engine.state.max_epochs
             for k, obj in self.save_dict.items():
                 try:
-                    _unwrap(obj).load_state_dict(state[k])
+                    unwrap(obj).load_state_dict(state[k])
                 except Exception as err:
                     raise ValueError(f"Checkpoint {path}: cannot restore '{k}': {err}") from err
             done_epochs = engine.state.iteration / max(engine.state.epoch_length or 1, 1)
@@ -267,20 +305,9 @@ class TrainingCheckpointer:
         return None
 
     def remove_stale_temporaries(self) -> list[str]:
-        """Delete the hidden temporary files (``.<name>.<random>.tmp``, see :func:`atomic_path`) that a run
-        killed in the middle of a write left in its folder or its sub-folders (e.g. ``snapshots/``); they
-        are never loaded, this only tidies up."""
-        removed = []
-        if self.save_enabled and os.path.isdir(self.save_dir):
-            for folder, _, names in os.walk(self.save_dir):
-                for name in names:
-                    if name.startswith(".") and name.endswith(".tmp"):
-                        with contextlib.suppress(OSError):
-                            os.unlink(os.path.join(folder, name))
-                            removed.append(os.path.join(os.path.relpath(folder, self.save_dir), name))
-        if removed:
-            logger.info("Removed %d temporary file(s) of an interrupted checkpoint write: %s", len(removed), removed)
-        return removed
+        """Delete the temporaries that a run killed in the middle of a write left in its folder (see
+        :func:`common.io.remove_stale_temporaries`); they are never loaded, this only tidies up."""
+        return remove_stale_temporaries(self.save_dir) if self.save_enabled else []
 
     # ------------------------------------------------------------------ engine
     def attach(self, engine: Any) -> None:
@@ -305,62 +332,8 @@ class TrainingCheckpointer:
         engine.run()
 
 
-def checkpoint_state_dict(path: str, missing_hint: str = "", what: str = "Checkpoint") -> dict[str, torch.Tensor]:
-    """The network weights in a checkpoint file, read as MONAI's ``CheckpointLoader`` reads them.
-
-    Accepted: a plain state dict (``models/model.pt``, a run's ``model.pt``) or a dict holding it under
-    ``"model"``, ``"network"`` or ``"state_dict"`` (a run's ``checkpoint_final.pt``). ``missing_hint`` ends the
-    message when the file does not exist (what to do instead); ``what`` names the file in messages.
-    The one reader of network weights used by inference, evaluation, fine-tuning (``common.transfer``)
-    and the analyses.
-
-    Raises:
-        FileNotFoundError: no file at ``path`` (the message names it).
-        ValueError: the file cannot be read, or holds no network weights.
-    """
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{what} {path!r} not found: "
-            + (missing_hint or "train the model first (a run writes runs/<run_name>/model.pt; the bundle's default "
-               "is models/model.pt) or pass --ckpt_path <path to model.pt>.")
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated or not a torch file
-        import zipfile
-
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own message here suggests
-            # weights_only=False, which is beside the point for a truncated or corrupt file
-            reason = (
-                "it is not a complete PyTorch checkpoint (no readable zip archive: truncated, corrupt, or not "
-                "written by torch.save)"
-            )
-        else:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"Cannot read {what.lower()} {path}: {reason}.") from err
-    for key in ("model", "network", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(
-            f"{what} {path} holds no network weights: expected a state dict or a dict with a 'model' "
-            f"state dict, found {found}."
-        )
-    return obj
-
-
-
-def _unwrap(obj: Any) -> Any:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``obj``."""
-    if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        return obj.module
-    return obj
-
-
 class _AtomicDiskSaver(BaseSaveHandler):
-    """ignite save handler that writes each checkpoint with :func:`atomic_torch_save`, into each of
+    """ignite save handler that writes each checkpoint with :func:`common.io.atomic_torch_save`, into each of
     ``dirnames``.
 
     With a fixed ``filename`` (``model.pt``), ``remove`` does nothing: ignite removes the old best file before
@@ -386,92 +359,42 @@ class _AtomicDiskSaver(BaseSaveHandler):
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` (same arguments and files) whose files are written atomically.
 
-    MONAI's own saver writes ``model.pt`` in place (``DiskSaver(atomic=False)``) and deletes the previous
-    best file before writing the new one, so a kill or a concurrent reader (MONAI Label's infer endpoint,
-    a fine-tuning run loading ``runs/pretrain/model.pt``) can meet a missing or truncated file. Here every
-    file goes through :func:`atomic_path` (temporary file, fsync, rename), with the usual permissions.
+    Why not MONAI's own: it writes ``model.pt`` in place (``DiskSaver(atomic=False)``) and deletes the previous
+    best file before writing the new one, so a kill or a concurrent reader (MONAI Label's infer endpoint, a
+    fine-tuning run loading ``runs/pretrain/model.pt``) can meet a missing or truncated file.
 
     Args:
         save_dir, save_dict, *args, **kwargs: as for ``monai.handlers.CheckpointSaver``.
         publish_dir: a second folder that receives each new best-metric file too (with ``save_key_metric``),
             e.g. the bundle's ``models/`` folder whose ``model.pt`` inference and MONAI Label load. ``None``:
             only ``save_dir``.
+        enabled: False makes :meth:`attach` a no-op (the ranks > 0 of a multi-GPU run write nothing), while
+            the object still serves :meth:`state_dict` / :meth:`load_state_dict` to the training checkpoint.
+
+    :meth:`state_dict` / :meth:`load_state_dict` hold the best-model tracking (the key-metric list), so a
+    resumed run keeps ``model.pt`` as the best of the whole run, not of the part after the restart.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, *args: Any, publish_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, save_dir: str, save_dict: dict, *args: Any, publish_dir: str | None = None, enabled: bool = True,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
         super().__init__(save_dir, save_dict, *args, **kwargs)
+        self.enabled = bool(enabled)
         for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
             ckpt = getattr(self, name, None)
             if ckpt is not None:
                 dirs = [self.save_dir] + ([publish_dir] if publish_dir and name == "_key_metric_checkpoint" else [])
                 ckpt.save_handler = _AtomicDiskSaver(dirs, getattr(ckpt.save_handler, "filename", None))
 
-
-class BestModelState:
-    """Checkpointable view of a MONAI ``CheckpointSaver``'s best-model tracking (its key-metric list), so a
-    resumed run keeps ``model.pt`` as the best of the whole run, not of the part after the restart."""
-
-    def __init__(self, handlers: Any) -> None:
-        savers = [h for h in (handlers or []) if isinstance(h, CheckpointSaver) and getattr(h, "_key_metric_checkpoint", None) is not None]
-        self.saver = savers[0] if savers else None
+    def attach(self, engine: Any) -> None:
+        if self.enabled:
+            super().attach(engine)
 
     def state_dict(self) -> dict[str, Any]:
-        ckpt = getattr(self.saver, "_key_metric_checkpoint", None)
+        ckpt = getattr(self, "_key_metric_checkpoint", None)
         return ckpt.state_dict() if ckpt is not None else {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.saver is not None and state:
-            self.saver.load_state_dict(dict(state))
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "monai", "numpy", "nibabel", "ignite", "scipy", "common"):
-        try:
-            mod = __import__(name)
-            out[name] = str(getattr(mod, "__version__", "unknown"))
-        except Exception:
-            out[name] = "not installed"
-    return out
-
-
-def _config_files_from_argv(argv: list[str]) -> list[str]:
-    """The config files named after ``--config_file`` on a ``monai.bundle run`` command line."""
-    if "--config_file" not in argv:
-        return []
-    raw = argv[argv.index("--config_file") + 1]
-    raw = raw.strip().strip("[]")
-    files = [p.strip().strip("'\"") for p in raw.split(",") if p.strip()]
-    return [f for f in files if os.path.isfile(f)]
-
-
-def write_run_record(output_dir: str, seed: int, extra: Mapping[str, Any] | None = None) -> str:
-    """Write ``run_info.json`` (seed, command line, versions, host, time) and copy the command's config
-    files into ``output_dir/configs/``. Returns the path of ``run_info.json``."""
-    import datetime
-
-    os.makedirs(output_dir, exist_ok=True)
-    cfg_dir = os.path.join(output_dir, "configs")
-    files = _config_files_from_argv(sys.argv)
-    copied = []
-    for f in files:
-        os.makedirs(cfg_dir, exist_ok=True)
-        dst = os.path.join(cfg_dir, os.path.basename(f))
-        atomic_write(dst, lambda fh, src=f: fh.write(open(src, "rb").read()))
-        copied.append(dst)
-    info = {
-        "seed": seed,
-        "argv": sys.argv,
-        "cwd": os.getcwd(),
-        "config_files": files,
-        "config_copies": copied,
-        "versions": _versions(),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "time": datetime.datetime.now().isoformat(timespec="seconds"),
-        **(dict(extra) if extra else {}),
-    }
-    path = os.path.join(output_dir, "run_info.json")
-    atomic_write(path, lambda f: f.write(json.dumps(info, indent=2, default=str)), mode="w")
-    return path
-
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict and getattr(self, "_key_metric_checkpoint", None) is not None:
+            super().load_state_dict(dict(state_dict))

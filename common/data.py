@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Datasets, checks, splits and datalists.
 
 A dataset is a folder in the Medical Segmentation Decathlon layout::
@@ -27,6 +28,8 @@ import zlib
 from typing import Any, Sequence
 
 import numpy as np
+
+from .io import write_json
 
 __all__ = [
     "DataError",
@@ -80,12 +83,17 @@ def read_decathlon(dataset_dir: str) -> dict[str, Any]:
     training = meta.get("training")
     if not isinstance(training, list) or not training:
         raise DataError(f"{meta_path} has no labelled cases: its 'training' list is missing or empty.")
-    cases = []
-    missing = []
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise DataError(f"{meta_path}: training entry {i} needs 'image' and 'label', got {entry!r}.")
-        item = {k: os.path.normpath(os.path.join(os.path.abspath(dataset_dir), entry[k])) for k in ("image", "label")}
+    from monai.data import load_decathlon_datalist  # here, not at import: the data tools start without MONAI
+
+    resolved = load_decathlon_datalist(meta_path, is_segmentation=True, data_list_key="training",
+                                       base_dir=os.path.abspath(dataset_dir))  # fmt: skip
+    cases = []
+    missing = []
+    for entry in resolved:
+        item = {k: os.path.normpath(entry[k]) for k in ("image", "label")}
         for k in ("image", "label"):
             if not os.path.isfile(item[k]):
                 missing.append(item[k])
@@ -371,10 +379,7 @@ def make_datalist(
         "test": test,
     }
     if output_dir:
-        from .checkpoints import atomic_write
-
-        path = os.path.join(output_dir, filename)
-        atomic_write(path, lambda f: json.dump(datalist, f, indent=2), mode="w")
+        path = write_json(os.path.join(output_dir, filename), datalist)
         logger.info(
             "Datalist %s: %d training, %d validation, %d test cases (seed %d).", path, len(train), len(val), len(test), seed
         )

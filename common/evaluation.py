@@ -1,9 +1,10 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Evaluation of a trained checkpoint on a run's test split: per-case CSV and summary JSON.
 
 Used by the bundles' ``configs/evaluate.json`` (layered on ``train.json``). For every test case the
 prediction is made as in ``configs/inference.json`` (sliding window, softmax, the preprocessing inverted
-by ``Invertd``, argmax) so it lies on the ORIGINAL image grid; the reference label is read from its file
-untouched (same grid, checked). DSC, HD95 and ASSD (and, for lesion tasks, the lesion-count TP, FP, FN,
+by ``Invertd``, argmax) so it lies on the ORIGINAL image grid; the reference label is read again from its
+file, untouched (same grid, checked), whatever the preprocessing did to the batch's ``label``. DSC, HD95 and ASSD (and, for lesion tasks, the lesion-count TP, FP, FN,
 F1) are computed by :func:`common.metrics.per_class_metrics` with the voxel size of the original file
 (the column norms of its affine), so distances are in millimetres of the original grid.
 
@@ -20,10 +21,7 @@ Outputs (written atomically: a temporary file in the same folder, then ``os.repl
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoints import atomic_write
 from .data import DataError, _case_id, check_cases, check_output_dir, load_datalist, make_datalist
+from .io import write_csv, write_json
 from .metrics import HD95_CONVENTIONS, per_class_metrics, summarize
 
 __all__ = [
@@ -43,6 +41,7 @@ __all__ = [
     "spacing_from_affine",
     "case_rows",
     "write_results",
+    "original_reference",
     "CaseMetricsWriter",
 ]
 
@@ -177,27 +176,6 @@ def _columns(lesion_task: bool) -> list[str]:
     return cols + ["empty_pred", "empty_ref"]
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
-    return x
-
-
-def _atomic_write(path: str, write) -> None:
-    """Text through :func:`common.checkpoints.atomic_write`: temporary file, fsync, ``os.replace``; on any error
-    (a full disk included) the old file stays and the temporary file is removed; the ``OSError`` names ``path``."""
-    atomic_write(path, write, mode="w")
-
-
 def _summary_of(rows: Sequence[Mapping[str, Any]], lesion_task: bool) -> dict[str, Any]:
     metrics = ("dice", "hd95", "assd") + (("f1",) if lesion_task else ())
     out = summarize(rows, metrics)
@@ -227,12 +205,6 @@ def write_results(
     if not rows:
         raise ValueError("No evaluated cases: nothing to write.")
     cols = _columns(lesion_task)
-
-    def write_csv(f) -> None:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (repr(float(r[k])) if isinstance(r[k], (float, np.floating)) else r[k]) for k in cols})
 
     classes = sorted({int(r["class"]) for r in rows})
     cases = list(dict.fromkeys(r["case"] for r in rows))
@@ -268,12 +240,21 @@ def write_results(
         **dict(info or {}),
         "conventions": conventions,
     }
-    _atomic_write(os.path.join(output_dir, csv_name), write_csv)
-    _atomic_write(
-        os.path.join(output_dir, summary_name),
-        lambda f: (json.dump(_json_safe(result), f, indent=2, allow_nan=False), f.write("\n")),
-    )
+    write_csv(os.path.join(output_dir, csv_name), rows, cols)
+    write_json(os.path.join(output_dir, summary_name), result)
     return result
+
+
+def original_reference(label: Any) -> Any:
+    """The reference label as stored in its file (original grid), read again with MONAI's ``LoadImage`` when
+    ``label`` is a ``MetaTensor`` that names its file (``filename_or_obj``), whatever the preprocessing did to
+    it (the bundles resample the batch's label with the image); else ``label`` itself."""
+    src = (getattr(label, "meta", None) or {}).get("filename_or_obj")
+    if isinstance(src, str) and os.path.isfile(src):
+        from monai.transforms import LoadImage
+
+        return LoadImage(image_only=True, ensure_channel_first=True)(src)
+    return label
 
 
 # ------------------------------------------------------------------------------------------ handler
@@ -347,6 +328,7 @@ class CaseMetricsWriter:
             case = _case_id(str(meta.get("filename_or_obj", getattr(pred, "meta", {}).get("filename_or_obj", "case"))))
         if label is None:
             raise ValueError(f"case {case}: no '{self.label_key}' to compare with; evaluation needs labelled cases.")
+        label = original_reference(label)
         affine = getattr(label, "affine", None)
         if affine is None:
             raise ValueError(f"case {case}: the label carries no affine; load it with LoadImaged (MetaTensor).")

@@ -1,4 +1,5 @@
-"""Training handlers (ignite) used by the bundles: the paper's learning-rate decay rule.
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""Training handlers (ignite) used by the bundles: the paper's learning-rate decay rule and weight snapshots.
 
 The paper: "an initial learning rate of 1e-4, which was reduced by 0.90 after every 2000 training
 iterations if the loss did not decrease". The authors' code instead decays when the validation Dice
@@ -12,16 +13,17 @@ falls below 0.995 times its previous value. Both are offered by :class:`PlateauD
   when it is below ``tolerance`` (0.995) times that value the learning rate is multiplied by ``factor``.
 
 The decay state is part of the checkpoint (``state_dict`` / ``load_state_dict``), so a resumed run
-decays exactly as an uninterrupted one would.
+decays exactly as an uninterrupted one would. In a multi-GPU run the loss is averaged over the ranks, so
+every rank takes the same decision.
 
 :class:`SnapshotSaver` keeps the network weights at initialisation and every ``interval`` epochs, with
-the validation Dice of each saved epoch, for the representation analyses of ``common.analysis``
-(Figs. 6-9, Table VIII); :func:`convergence_epoch` finds the paper's convergence epoch in that history.
+the validation Dice of each saved epoch, for the representation analyses of :mod:`common.analysis`
+(Figs. 6-9, Table VIII); :func:`common.runs.convergence_epoch` finds the paper's convergence epoch in that
+history. :class:`LogLevel` quiets the engines of the ranks > 0 of a multi-GPU run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,9 +31,11 @@ from typing import Any
 
 import torch
 
-from .checkpoints import atomic_write
+from .io import atomic_write, write_json
+from .networks import unwrap
+from .runs import HISTORY_FILE, SNAPSHOT_DIR, is_not_rank0, read_history, snapshot_name
 
-__all__ = ["DecayRule", "PlateauDecay", "SnapshotSaver", "convergence_epoch", "read_history", "CONVERGENCE_TOLERANCE"]
+__all__ = ["DecayRule", "PlateauDecay", "SnapshotSaver", "LogLevel"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +158,7 @@ class PlateauDecay:
         if self.rule.monitor == "loss":
             loss = self.output_transform(engine.state.output)
             if loss is not None:
-                self.rule.update(float(loss))
+                self.rule.update(_mean_over_ranks(float(loss)))
         if engine.state.iteration % self.interval == 0:
             value = None
             if self.rule.monitor == "val_dice":
@@ -185,6 +189,18 @@ class PlateauDecay:
         self.decays = int(state.get("decays", 0))
 
 
+def _mean_over_ranks(value: float) -> float:
+    """``value`` averaged over the processes of an initialised ``torch.distributed`` run (every rank calls this
+    once per iteration), else ``value``: the ranks see different batches, and must take the same decisions."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    import ignite.distributed as idist
+
+    return float(idist.all_reduce(value)) / dist.get_world_size()
+
+
 def _loss_from_output(output: Any) -> float | None:
     """The loss of a MONAI trainer's output (a dict, or a list of dicts with ``decollate=True``)."""
     if isinstance(output, (list, tuple)) and output:
@@ -198,17 +214,6 @@ def _loss_from_output(output: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- snapshots
-#: The paper's convergence epoch: the first epoch whose validation DSC is within 0.5 % of the best one.
-CONVERGENCE_TOLERANCE = 0.005
-SNAPSHOT_DIR = "snapshots"
-HISTORY_FILE = "history.json"
-
-
-def snapshot_name(epoch: int) -> str:
-    """File name of the snapshot of ``epoch`` (``epoch_0000.pt`` is the initialisation)."""
-    return f"epoch_{int(epoch):04d}.pt"
-
-
 class SnapshotSaver:
     """Ignite handler: save the network weights at initialisation and every ``interval`` epochs.
 
@@ -282,15 +287,7 @@ class SnapshotSaver:
             self.evaluator.add_event_handler(Events.COMPLETED, self.validation_completed)
 
     def _is_writer(self) -> bool:
-        import torch.distributed as dist
-
-        return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
-
-    def _module(self) -> torch.nn.Module:
-        net = self.network
-        while hasattr(net, "module") and isinstance(net.module, torch.nn.Module):
-            net = net.module
-        return net
+        return not is_not_rank0()
 
     def _metric(self, epoch: int) -> float | None:
         ev = self.evaluator
@@ -334,7 +331,7 @@ class SnapshotSaver:
     # ------------------------------------------------------------------ files
     def _save(self, engine: Any, epoch: int) -> None:
         name = snapshot_name(epoch)
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self._module().state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(self.network).state_dict().items()}
         atomic_write(os.path.join(self.snapshot_dir, name), lambda f: torch.save(state, f))
         entry = {
             "epoch": epoch,
@@ -348,53 +345,26 @@ class SnapshotSaver:
         logger.info("Snapshot of epoch %d saved to %s (validation %s: %s).", epoch, name, self.metric_name, entry["val_dice"])
 
     def _write_history(self) -> None:
-        doc = {"metric_name": self.metric_name, "interval": self.interval, "entries": self.entries}
-        atomic_write(self.history_path, lambda f: f.write(json.dumps(doc, indent=2).encode()))
+        write_json(self.history_path, {"metric_name": self.metric_name, "interval": self.interval, "entries": self.entries})
 
 
-def read_history(source: Any) -> dict[str, Any]:
-    """A snapshot history as ``{"metric_name", "interval", "entries": [...]}``.
+class LogLevel:
+    """Ignite handler: set the logging level of its engine's logger (and of ``engines``) when attached.
 
-    ``source``: a run folder, its ``snapshots`` folder, a ``history.json`` path, the loaded dict, or a
-    list of entries (dicts with ``epoch`` and ``val_dice``).
+    The bundles list it in ``train#handlers`` with ``"_disabled_": "$not @is_not_rank0"``, so the ranks > 0
+    of a multi-GPU run log warnings only, and the log shows each epoch once.
+
+    Args:
+        level: a ``logging`` level name or number (default ``"WARNING"``).
+        engines: other engines to set (e.g. the validation evaluator).
     """
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            cand = os.path.join(path, SNAPSHOT_DIR, HISTORY_FILE)
-            path = cand if os.path.isfile(cand) else os.path.join(path, HISTORY_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"No snapshot history at {path}: train with the SnapshotSaver handler (save_snapshots true)."
-            )
-        with open(path) as f:
-            source = json.load(f)
-    if isinstance(source, dict):
-        entries = source.get("entries", [])
-        out = dict(source)
-    else:
-        entries = list(source)
-        out = {"metric_name": None, "interval": None}
-    out["entries"] = sorted((dict(e) for e in entries), key=lambda e: e["epoch"])
-    return out
 
+    def __init__(self, level: str | int = "WARNING", engines: Any = ()) -> None:
+        self.level = logging.getLevelName(level) if isinstance(level, str) else int(level)
+        if not isinstance(self.level, int):
+            raise ValueError(f"Unknown logging level {level!r}.")
+        self.engines = list(engines or [])
 
-def convergence_epoch(history: Any, tolerance: float = CONVERGENCE_TOLERANCE) -> int:
-    """The paper's convergence epoch: the first epoch whose validation DSC is ``>= (1 - tolerance) * best``.
-
-    ``history``: a list of numbers (validation DSC per epoch; the result is the list index), or anything
-    :func:`read_history` takes (entries with ``epoch`` and ``val_dice``; the result is that ``epoch``).
-    Epochs without a value (``None``/NaN, e.g. the initialisation) are skipped.
-
-    Example: ``[0.5, 0.8, 0.9, 0.899, 0.95, 0.951]`` -> 4 (``0.95 >= 0.995 * 0.951``).
-    """
-    if isinstance(history, (list, tuple)) and all(v is None or isinstance(v, (int, float)) for v in history):
-        pairs = list(enumerate(history))
-    else:
-        pairs = [(e["epoch"], e.get("val_dice")) for e in read_history(history)["entries"]]
-    pairs = [(ep, float(v)) for ep, v in pairs if v is not None and math.isfinite(float(v))]
-    if not pairs:
-        raise ValueError("The history holds no validation value: cannot find the convergence epoch.")
-    best = max(v for _, v in pairs)
-    threshold = (1.0 - tolerance) * best
-    return int(next(ep for ep, v in pairs if v >= threshold))
+    def attach(self, engine: Any) -> None:
+        for e in [engine, *self.engines]:
+            e.logger.setLevel(self.level)

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Sliding-window inference of the paper's FCN, with predictions written on each input's own grid.
 
 The paper (Section II-A): the trained network is applied to "blocks of 96^3 voxels with a 24-voxel
@@ -11,9 +12,10 @@ The bundles' ``configs/inference.json`` is the MONAI way of doing it: the prepro
 (load, channel first, RAS orientation, isotropic resampling, intensity normalisation) is inverted by
 ``Invertd`` on the softmax probabilities (bilinear), then argmax, then ``SaveImaged`` writes
 ``<output_dir>/<image name>_seg.nii.gz`` (see :func:`prediction_path`) with the shape and affine of
-the image file that was given, also for anisotropic and oblique / non-RAS images. This module holds
-the pieces those configs call: the inferer factory and its large-volume rule, the input listing, the
-checkpoint check, and the naming rule.
+the image file that was given, also for anisotropic and oblique / non-RAS images. The sliding window is
+MONAI's ``SlidingWindowInferer``, spelled out once in the configs (``inferer``). This module holds the
+pieces those configs call: the large-volume rule, the input listing, the checkpoint check, the naming rule
+and an atomic NIfTI writer.
 
 Large volumes: on a GPU the network always runs on the GPU (``sw_device``), but the stitched output
 (``out_channels`` + 1 float32 values per voxel, then the softmax, inversion and argmax copies made by
@@ -31,20 +33,19 @@ from collections.abc import Sequence
 import torch
 from monai.data import NibabelWriter
 
-from .checkpoints import atomic_path, checkpoint_state_dict
+from .checkpoints import check_state_fits, checkpoint_state_dict
 from .data import DataError, check_image_file, check_output_dir, list_images
+from .io import atomic_path
 
 __all__ = [
     "OVERLAP_PAPER",
     "OVERLAP_AUTHORS_CODE",
     "CPU_STITCH_VOXELS",
     "PRED_POSTFIX",
-    "make_inferer",
     "stitch_device",
     "num_windows",
     "images_to_segment",
     "prediction_path",
-    "checkpoint_state_dict",
     "check_checkpoint",
     "check_output_dir",
     "AtomicNibabelWriter",
@@ -71,57 +72,12 @@ PRED_POSTFIX = "seg"
 _NIFTI_EXT = (".nii.gz", ".nii")
 
 
-def make_inferer(
-    block_size: Sequence[int] | int = (96, 96, 96),
-    overlap: float = OVERLAP_PAPER,
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    cpu_thresh: int | None = CPU_STITCH_VOXELS,
-    mode: str = "constant",
-    progress: bool = False,
-):
-    """The paper's sliding-window inferer (what the bundles' configs spell out as ``SlidingWindowInferer``).
-
-    Args:
-        block_size: window size in voxels (the paper: 96^3); each size must suit the network
-            (divisible by 8 for the paper's FCN).
-        overlap: fraction of a window shared with its neighbour: 0.25 (the paper's 24 voxels, default) or
-            0.75 (the authors' code). Must be in ``[0, 1)``.
-        sw_batch_size: windows per forward pass.
-        sw_device: where the network runs (``None``: the input's device).
-        cpu_thresh: volumes with more voxels are stitched in CPU memory (``None``: never).
-        mode: blending of overlapping windows, ``"constant"`` (plain average) or ``"gaussian"``.
-
-    Returns:
-        ``monai.inferers.SlidingWindowInferer``; call it as ``inferer(image, network)`` with
-        ``image`` of shape ``(B, C, X, Y, Z)``; returns logits ``(B, out_channels, X, Y, Z)``.
-    """
-    from monai.inferers import SlidingWindowInferer
-
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(
-            f"overlap must be in [0, 1), got {overlap}; the paper uses {OVERLAP_PAPER} (24 of 96 voxels), "
-            f"the authors' code {OVERLAP_AUTHORS_CODE}."
-        )
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
-    return SlidingWindowInferer(
-        roi_size=block_size,
-        sw_batch_size=sw_batch_size,
-        overlap=overlap,
-        mode=mode,
-        sw_device=sw_device,
-        device=None,
-        cpu_thresh=cpu_thresh,
-        progress=progress,
-    )
-
-
 def stitch_device(
     spatial_shape: Sequence[int], input_device: torch.device | str, cpu_thresh: int | None = CPU_STITCH_VOXELS
 ) -> torch.device:
-    """Where :func:`make_inferer`'s inferer stitches a volume: the CPU above ``cpu_thresh`` voxels, else the
-    input's device (MONAI's ``SlidingWindowInferer`` rule, stated here so it can be checked and documented)."""
+    """Where the bundles' ``inferer`` (``SlidingWindowInferer(cpu_thresh=CPU_STITCH_VOXELS)``) stitches a volume:
+    the CPU above ``cpu_thresh`` voxels, else the input's device (MONAI's rule, stated here so it can be checked
+    and documented)."""
     n = math.prod(int(s) for s in spatial_shape)
     if cpu_thresh is not None and n > cpu_thresh:
         return torch.device("cpu")
@@ -233,25 +189,8 @@ def check_checkpoint(path: str, network: torch.nn.Module) -> str:
         ValueError: unreadable file, or weights of another architecture / other ``network_def`` settings.
     """
     state = checkpoint_state_dict(path)
-    target = network.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    arch = type(network).__name__
-    if missing or unexpected:
-        raise ValueError(
-            f"Checkpoint {path} does not fit the network {arch}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). It was saved from another architecture; "
-            f"check network_def in the config."
-        )
-    bad = [k for k in target if tuple(state[k].shape) != tuple(target[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ValueError(
-            f"Checkpoint {path} does not fit the network {arch}: {len(bad)} tensors differ in shape, e.g. {k} is "
-            f"{tuple(state[k].shape)} in the file and {tuple(target[k].shape)} in the network. It was saved with other "
-            f"network_def settings (features, levels, in/out channels)."
-        )
-    logger.info("Checkpoint %s fits %s (%d tensors).", path, arch, len(state))
+    check_state_fits(state, network, f"Checkpoint {path}")
+    logger.info("Checkpoint %s fits %s (%d tensors).", path, type(network).__name__, len(state))
     return path
 
 

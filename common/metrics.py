@@ -5,7 +5,7 @@ All functions take 3D masks of shape ``(X, Y, Z)`` as numpy arrays or torch tens
 they are moved to CPU numpy). ``spacing`` is a 3-sequence of positive finite floats in mm, where
 ``spacing[i]`` is the voxel size along array axis ``i``. Distances are returned in mm.
 
-Conventions (see also ``docs`` of each function and DESIGN.md §4):
+Conventions (see also the docstring of each function):
 
 - **Surface** of a mask: the voxels of the mask that have at least one 6-connected neighbour
   outside the mask. A voxel on the border of the array counts as having an outside neighbour (the

@@ -1,7 +1,8 @@
-"""The paper's 3D FCN (Karimi et al., Fig. 1) and the V-Net alternative.
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""The paper's 3D FCN (Karimi et al., Fig. 1) and the V-Net of its Fig. 9, with the section protocol the
+transfer modes and the analyses use.
 
-The FCN is written after the authors' published TensorFlow network (``davood_net``), recounted in
-``DESIGN.md`` §2:
+The FCN is written after the authors' published TensorFlow network (``davood_net``):
 
 * 4 resolution levels, widths ``f, 2f, 4f, 8f`` with ``f = 14``; no pooling: every downsampling is a
   3x3x3 convolution with stride 2; no normalisation layers; every convolution has a bias, a ReLU
@@ -27,30 +28,52 @@ The FCN is written after the authors' published TensorFlow network (``davood_net
 Probe points (the six layers the paper analyses, Fig. 1): ``encoder-1..3`` are the outputs of encoder
 levels 0, 1, 2 and ``decoder-1..3`` the outputs of decoder levels 2, 1, 0 (deepest first), so that
 ``encoder-3`` and ``decoder-1`` are the two most intermediate layers, as in the paper's Table VII.
+
+The section protocol. Every network here has ``encoder_parameters()``, ``decoder_parameters()`` (the head
+included), ``last_layers(k)``, ``head_names()`` (state-dict keys that depend on the class count),
+``probe_modules()`` / ``probe_filters()`` (the six analysed layers and the convolutions producing them),
+``divisor`` (every spatial input size must be divisible by it) and ``encoder_frozen`` (the encoder runs
+without autograd). :mod:`common.transfer` and :mod:`common.capture` only use this protocol, so the
+networks' own knowledge stays in this module. :class:`VNet` gives MONAI's V-Net the same protocol.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+from monai.networks.nets import VNet as _MonaiVNet
 
 __all__ = [
+    "unwrap",
     "ConvUnit",
     "ResidualPair",
     "EncoderLevel",
     "DecoderLevel",
     "KarimiFCN",
+    "VNet",
     "PROBE_NAMES",
     "he_truncated_normal_",
     "count_convs",
     "build_network",
+    "spatial_divisor",
 ]
 
 PROBE_NAMES = ("encoder-1", "encoder-2", "encoder-3", "decoder-1", "decoder-2", "decoder-3")
+
+
+def unwrap(network: Any) -> Any:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (nested wrappers too), else ``network``.
+
+    The one unwrap of the package: checkpoints, snapshots and activation capture save and probe the inner
+    module, so their keys and layer names are the same with one GPU or several.
+    """
+    while isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        network = network.module
+    return network
 
 
 def he_truncated_normal_(module: nn.Module, bias: float = 0.001) -> None:
@@ -294,6 +317,104 @@ class KarimiFCN(nn.Module):
         return OrderedDict((name, mod.block2[1].conv) for name, mod in self.probe_modules().items())
 
 
+class VNet(_MonaiVNet):
+    """MONAI's V-Net (Milletari et al. 2016; the paper's Fig. 9) with this module's section protocol, as the
+    paper used it: He initialisation like the FCN, one dropout setting, and frozen sections that stay frozen.
+
+    Differences from ``monai.networks.nets.VNet`` (whose module names, and so checkpoints, it keeps):
+
+    * initialisation: every convolution He truncated-normal (:func:`he_truncated_normal_`), biases 0.001
+      where present; PyTorch's default init draws weights ~2.45x smaller, which would inflate the relative
+      filter change the paper measures (Fig. 9);
+    * ``dropout``: one probability for the down and the up path (MONAI's defaults differ: 0.5 up);
+    * normalisation layers whose parameters a transfer mode froze stay in eval mode (their running
+      statistics do not move) whatever ``train()`` is called with (:attr:`frozen_norms`, set by
+      :mod:`common.transfer`).
+
+    Sections: the encoder is ``in_tr`` and the ``down_tr*`` stages, the decoder the ``up_tr*`` stages and the
+    head ``out_tr``. Probe points: ``encoder-1..3`` = ``in_tr``, ``down_tr32``, ``down_tr64`` (full, 1/2, 1/4
+    resolution) and ``decoder-1..3`` = ``up_tr128``, ``up_tr64``, ``up_tr32`` (1/4, 1/2, full), the same
+    resolution pattern as the FCN's. Input ``(B, in_channels, D, H, W)`` with each size divisible by 16.
+    """
+
+    ENCODER = ("in_tr", "down_tr32", "down_tr64", "down_tr128", "down_tr256")
+    DECODER = ("up_tr256", "up_tr128", "up_tr64", "up_tr32", "out_tr")
+    PROBES = (
+        ("encoder-1", "in_tr"),
+        ("encoder-2", "down_tr32"),
+        ("encoder-3", "down_tr64"),
+        ("decoder-1", "up_tr128"),
+        ("decoder-2", "up_tr64"),
+        ("decoder-3", "up_tr32"),
+    )
+    divisor = 16
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, dropout: float = 0.1) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        super().__init__(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            dropout_prob=dropout,
+            dropout_prob_down=dropout,
+            dropout_prob_up=(dropout, dropout),
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        #: With frozen encoder parameters autograd already skips the encoder's backward pass; MONAI's forward
+        #: interleaves the sections, so (unlike :class:`KarimiFCN`) the encoder is not run under ``no_grad``.
+        self.encoder_frozen = False
+        self.frozen_norms: list[nn.Module] = []
+        for m in self.modules():  # MONAI hard-codes 0.5 on the skip connections of up_tr64 and up_tr32
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.p = float(dropout)
+        self.apply(he_truncated_normal_)
+
+    def train(self, mode: bool = True) -> "VNet":
+        super().train(mode)
+        for m in self.frozen_norms:
+            m.eval()
+        return self
+
+    def _section(self, names: tuple[str, ...]) -> Iterator[nn.Parameter]:
+        for name in names:
+            yield from getattr(self, name).parameters()
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of ``in_tr`` and the ``down_tr*`` stages."""
+        return self._section(self.ENCODER)
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the ``up_tr*`` stages and the head ``out_tr``."""
+        return self._section(self.DECODER)
+
+    def conv_layers(self) -> list[tuple[str, nn.Module]]:
+        """All convolution modules in forward order, with their names."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+
+    def last_layers(self, k: int = 2) -> list[nn.Module]:
+        """The last ``k`` convolution layers in forward order (``k=2``: the two convolutions of ``out_tr``)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        return [m for _, m in self.conv_layers()[-k:]]
+
+    def head_names(self) -> tuple[str, ...]:
+        """State-dict keys of the head ``out_tr`` (its convolutions and normalisation depend on the class count)."""
+        return tuple(k for k in self.state_dict() if k.startswith("out_tr."))
+
+    def probe_modules(self) -> "OrderedDict[str, nn.Module]":
+        """The six analysed stages (see the class docstring)."""
+        return OrderedDict((p, getattr(self, m)) for p, m in self.PROBES)
+
+    def probe_filters(self) -> "OrderedDict[str, nn.Module]":
+        """For each probe stage, its last convolution (for the filter pictures)."""
+        out = OrderedDict()
+        for p, mod in self.probe_modules().items():
+            out[p] = [m for m in mod.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))][-1]
+        return out
+
+
 def count_convs(module: nn.Module) -> int:
     """Number of ``Conv3d`` / ``ConvTranspose3d`` modules inside ``module``."""
     return sum(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in module.modules())
@@ -307,17 +428,15 @@ def build_network(
     levels: int = 4,
     dropout: float = 0.1,
 ) -> nn.Module:
-    """Build a network by name: ``"karimi_fcn"`` (the paper's Fig. 1) or ``"vnet"`` (MONAI's V-Net)."""
+    """Build a network by name: ``"karimi_fcn"`` (the paper's Fig. 1, :class:`KarimiFCN`) or ``"vnet"``
+    (:class:`VNet`; ``features`` and ``levels`` do not apply to it)."""
     if name == "karimi_fcn":
         return KarimiFCN(in_channels, out_channels, features, levels, dropout)
     if name == "vnet":
-        from monai.networks.nets import VNet
-
-        return VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, dropout_prob_down=dropout)
+        return VNet(in_channels, out_channels, dropout)
     raise ValueError(f"Unknown network name {name!r}; choose 'karimi_fcn' or 'vnet'.")
 
 
 def spatial_divisor(network: nn.Module) -> int:
     """The number every spatial input size must be divisible by (8 for the paper's FCN, 16 for V-Net)."""
-    return int(getattr(network, "divisor", 16))
-
+    return int(getattr(unwrap(network), "divisor", 16))

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Synthetic 3D phantoms in the Decathlon layout: the project's embedded default data.
 
 Each case is a body (an ellipsoid of soft tissue in air) holding a smooth random organ, optionally

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Transfer modes: which parameters train, at which learning rate, from which checkpoint.
 
 Modes (the paper's Sections II-B, III-F and Table VIII discussion):
@@ -17,7 +18,9 @@ mode                        what trains                                     init
 A source checkpoint may be a plain state dict (``models/model.pt`` of a bundle) or a MONAI/ignite
 checkpoint dict holding it under ``"model"`` (or ``"network"``). When the source's output head has a
 different class count from the target network, the head is re-initialised (He, truncated) and the
-log says so.
+log says so. The networks' sections come from their section protocol (:mod:`common.networks`), so this
+module knows no architecture. Normalisation layers of a frozen section are kept in eval mode (the network's
+``frozen_norms``), so their running statistics stay those of the source (or of the random init).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import logging
 from typing import Iterable
 
 import torch.nn as nn
+from monai.networks.utils import copy_model_state
 
-from .checkpoints import checkpoint_state_dict
-from .networks import he_truncated_normal_
+from .checkpoints import check_state_fits, checkpoint_state_dict
+from .networks import he_truncated_normal_, unwrap
 
 __all__ = [
     "MODES",
@@ -55,10 +59,6 @@ MODES = (
 #: Modes that start from a source (pre-trained) checkpoint.
 SOURCE_MODES = ("finetune", "finetune_last_k", "finetune_encoder", "finetune_decoder")
 
-# V-Net (monai.networks.nets.VNet) module prefixes of its two sections.
-_VNET_ENCODER = ("in_tr.", "down_tr32.", "down_tr64.", "down_tr128.", "down_tr256.")
-
-
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"Unknown transfer mode {mode!r}; choose one of {', '.join(MODES)}.")
@@ -71,42 +71,25 @@ def learning_rate(base_lr: float, mode: str) -> float:
 
 
 def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the encoder section (the paper's FCN or MONAI's V-Net)."""
-    if hasattr(network, "encoder_parameters"):
-        return list(network.encoder_parameters())
-    return [p for n, p in network.named_parameters() if n.startswith(_VNET_ENCODER)]
+    """Parameters of the encoder section (the network's ``encoder_parameters()``)."""
+    return list(unwrap(network).encoder_parameters())
 
 
 def decoder_parameters(network: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the decoder section, the output head included."""
-    if hasattr(network, "decoder_parameters"):
-        return list(network.decoder_parameters())
-    enc = {id(p) for p in encoder_parameters(network)}
-    return [p for p in network.parameters() if id(p) not in enc]
+    """Parameters of the decoder section, the output head included (the network's ``decoder_parameters()``)."""
+    return list(unwrap(network).decoder_parameters())
 
 
 def _last_layer_parameters(network: nn.Module, k: int) -> list[nn.Parameter]:
-    if hasattr(network, "last_layers"):
-        layers = network.last_layers(k)
-    else:
-        convs = [m for m in network.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-        layers = convs[-k:]
-    return [p for m in layers for p in m.parameters()]
-
-
-def _head_keys(network: nn.Module) -> tuple[str, ...]:
-    if hasattr(network, "head_names"):
-        return tuple(network.head_names())
-    convs = [n for n, m in network.named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-    last = convs[-1]
-    return (f"{last}.weight", f"{last}.bias")
+    return [p for m in unwrap(network).last_layers(k) for p in m.parameters()]
 
 
 def load_source_weights(network: nn.Module, checkpoint: str) -> list[str]:
     """Load a source checkpoint into ``network`` for fine-tuning.
 
-    Every parameter must match by name and shape, except the output head, which is re-initialised
-    when the class count differs (logged). Returns the list of re-initialised keys.
+    Every tensor must match by name and shape (:func:`common.checkpoints.check_state_fits`), except the output
+    head (``head_names()``), which is re-initialised when the class count differs (logged). The copy is MONAI's
+    ``copy_model_state``. Returns the list of re-initialised keys.
 
     Raises:
         FileNotFoundError: the checkpoint file does not exist.
@@ -118,38 +101,22 @@ def load_source_weights(network: nn.Module, checkpoint: str) -> list[str]:
         "--source_checkpoint <path to model.pt>.",
         what="Source checkpoint",
     )
-    target = network.state_dict()
-    head = set(_head_keys(network))
-    missing = sorted(set(target) - set(source))
-    unexpected = sorted(set(source) - set(target))
-    if missing or unexpected:
-        raise ValueError(
-            f"Source checkpoint {checkpoint} does not fit this network ({type(network).__name__}): "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}). Was it trained with another architecture?"
-        )
-    reinit: list[str] = []
-    mismatched = [k for k in target if source[k].shape != target[k].shape]
-    bad = [k for k in mismatched if k not in head]
-    if bad:
-        raise ValueError(
-            f"Source checkpoint {checkpoint} does not fit this network: shape mismatch at {bad[:3]} "
-            f"(source {tuple(source[bad[0]].shape)} vs network {tuple(target[bad[0]].shape)})."
-        )
-    state = {k: (target[k] if k in mismatched else source[k]) for k in target}
-    network.load_state_dict(state)
-    if mismatched:
-        head_module = network.get_submodule(mismatched[0].rsplit(".", 1)[0])
-        he_truncated_normal_(head_module)
-        reinit = sorted(mismatched)
+    net = unwrap(network)
+    head = tuple(net.head_names())
+    reinit = sorted(check_state_fits(source, net, f"Source checkpoint {checkpoint}", may_differ=head))
+    copy_model_state(net, source, inplace=True)  # tensors of another shape (the head in ``reinit``) are skipped
+    if reinit:
+        for name in sorted({k.rsplit(".", 1)[0] for k in reinit}):
+            module = net.get_submodule(name)
+            he_truncated_normal_(module)
+            if hasattr(module, "reset_parameters") and not isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+                module.reset_parameters()  # e.g. a normalisation layer of the head
         logger.warning(
             "Source checkpoint %s has %s output classes, the network %s: the output head (%s) was re-initialised.",
-            checkpoint,
-            tuple(source[reinit[0]].shape)[:1],
-            tuple(target[reinit[0]].shape)[:1],
+            checkpoint, tuple(source[reinit[0]].shape)[:1], tuple(net.state_dict()[reinit[0]].shape)[:1],
             ", ".join(reinit),
-        )
-    logger.info("Loaded source weights from %s (%d tensors).", checkpoint, len(state))
+        )  # fmt: skip
+    logger.info("Loaded source weights from %s (%d tensors).", checkpoint, len(source) - len(reinit))
     return reinit
 
 
@@ -171,8 +138,14 @@ def apply_transfer_mode(network: nn.Module, mode: str, last_k: int = 2) -> nn.Mo
     keep = {id(p) for p in train}
     for p in network.parameters():
         p.requires_grad_(id(p) in keep)
-    if hasattr(network, "encoder_frozen"):
-        network.encoder_frozen = not any(p.requires_grad for p in encoder_parameters(network))
+    net = unwrap(network)
+    net.encoder_frozen = not any(p.requires_grad for p in encoder_parameters(net))
+    if hasattr(net, "frozen_norms"):
+        net.frozen_norms = [
+            m for m in net.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is not None and not m.weight.requires_grad
+        ]  # fmt: skip
+        net.train(net.training)
     n_train = sum(p.numel() for p in network.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in network.parameters())
     logger.info("Transfer mode %s: %d of %d parameters train.", mode, n_train, n_all)

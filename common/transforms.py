@@ -1,11 +1,23 @@
-"""Preprocessing transforms of the paper (Section II-A), as MONAI transforms.
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""Transforms of the bundles' pipelines that MONAI lacks, each a thin layer over MONAI's own.
 
-* CT: Hounsfield units in ``[-1000, 1000]`` mapped linearly to ``[0, 1]`` (values outside are clipped).
-* MR: each image divided by the standard deviation of its voxel intensities.
+* :class:`NormalizeModality` / :class:`NormalizeModalityd`: the paper's intensity normalisation
+  (Section II-A) chosen by modality, so that one config serves CT and MR runs (the ``modality`` id):
+  CT: Hounsfield units in ``[-1000, 1000]`` mapped linearly to ``[0, 1]``, clipped (MONAI's
+  ``ScaleIntensityRange``); MR: each image divided by the (population) standard deviation of its voxels
+  (MONAI's ``NormalizeIntensity(subtrahend=0)``). Unlike MONAI, a constant image (standard deviation 0) or
+  one holding NaN/inf voxels is refused with an error naming its file, instead of passing through
+  unscaled or as NaN.
+* :class:`Spacingd`: MONAI's ``Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone. MONAI 1.6.1's
+  ``Spacingd`` calls ``.update`` on every ``image_*`` entry as if it were a meta dict; MONAI Label puts the
+  image's datastore path under ``image_path``, a string, and the call fails. Outside MONAI Label it is
+  MONAI's transform exactly.
+* :class:`RandGaussianNoised`: MONAI's ``RandGaussianNoised`` with the noise optionally drawn on the image's
+  device (``speed#noise_on_device``).
 
-The rest of the pipeline (load, channel first, orientation, isotropic resampling, random 96^3
-blocks with padding, flips, rotations by multiples of 90 degrees, Gaussian noise) uses MONAI's own
-transforms and is listed in each bundle's config, so MONAI Label and readers see every step.
+The rest of the pipeline (load, channel first, orientation, random 96^3 blocks with padding, flips,
+rotations by multiples of 90 degrees) uses MONAI's transforms directly and is listed in each bundle's
+config, so MONAI Label and readers see every step.
 """
 
 from __future__ import annotations
@@ -15,9 +27,11 @@ from typing import Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange, Transform
+from monai.transforms import RandGaussianNoised as _MonaiRandGaussianNoised
+from monai.transforms import Spacingd as _MonaiSpacingd
 
-__all__ = ["CT_WINDOW", "NormalizeModality", "NormalizeModalityd", "CheckFinited"]
+__all__ = ["CT_WINDOW", "NormalizeModality", "NormalizeModalityd", "CheckFinited", "Spacingd", "RandGaussianNoised"]
 
 #: The paper's CT window in Hounsfield units, mapped to [0, 1].
 CT_WINDOW = (-1000.0, 1000.0)
@@ -40,21 +54,23 @@ class NormalizeModality(Transform):
         if m not in ("CT", "MR"):
             raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}.")
         self.modality = m
+        lo, hi = CT_WINDOW
+        self._ct = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+        self._mr = NormalizeIntensity(subtrahend=0.0)
 
     def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         is_np = isinstance(img, np.ndarray)
         x = torch.as_tensor(img).float() if is_np else img.float()
         if self.modality == "CT":
-            lo, hi = CT_WINDOW
-            out = (x.clamp(lo, hi) - lo) / (hi - lo)
+            out = self._ct(x)
         else:
-            std = float(x.std())
+            std = float(x.std(unbiased=False))
             if not np.isfinite(std) or std <= 0:
                 raise ValueError(
                     f"MR normalisation divides by the image's standard deviation, which is {std}: "
                     "the image is constant or holds NaN/inf values."
                 )
-            out = x / std
+            out = self._mr(x)
         return out.numpy() if is_np else out
 
 
@@ -99,3 +115,66 @@ class CheckFinited(MapTransform):
             _check_finite(d[key], key)
         return d
 
+
+class Spacingd(_MonaiSpacingd):
+    """MONAI's ``Spacingd`` (same arguments and result) that sets aside the ``<key>_*`` entries that are not
+    dictionaries (MONAI Label's ``image_path`` string) during the call, so MONAI 1.6.1 does not call ``.update``
+    on them; they are put back unchanged."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        aside = {
+            k: d.pop(k)
+            for k in list(d)
+            if isinstance(k, str) and not isinstance(d[k], Mapping) and any(k.startswith(f"{key}_") for key in self.keys)
+        }
+        out = super().__call__(d, lazy=lazy)
+        out.update(aside)
+        return out
+
+
+class RandGaussianNoised(_MonaiRandGaussianNoised):
+    """MONAI's ``RandGaussianNoised`` with the noise optionally drawn by torch on the image's device.
+
+    With ``on_device=False`` (default) it is MONAI's transform, unchanged (numpy float64 noise on the CPU,
+    then copied to the image's device: 28 ms for a 96^3 block on a CPU core, longer than a GPU step). With
+    ``on_device=True`` the decision (probability), the standard deviation and a seed are drawn from the
+    transform's own generator ``self.R`` (so ``set_random_state`` and the RNG states that
+    ``common.checkpoints.RNGState`` saves, which hold ``self.R`` only, make it reproducible, also across a
+    resume), and the noise itself is ``torch.randn`` from a generator on the image's device seeded
+    with that seed: the same distribution, another random stream.
+    """
+
+    def __init__(self, keys, prob: float = 0.1, mean: float = 0.0, std: float = 0.1, dtype=np.float32,
+                 allow_missing_keys: bool = False, sample_std: bool = True,
+                 on_device: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, prob=prob, mean=mean, std=std, dtype=dtype, allow_missing_keys=allow_missing_keys,
+                         sample_std=sample_std)  # fmt: skip
+        self.on_device = bool(on_device)
+
+    def __call__(self, data):
+        if not self.on_device:
+            return super().__call__(data)
+        from monai.data import get_track_meta
+        from monai.utils import convert_data_type, convert_to_tensor
+
+        d = dict(data)
+        self.randomize(None)
+        first_key = self.first_key(d) if self._do_transform else ()
+        if first_key == ():
+            for key in self.key_iterator(d):
+                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
+            return d
+        inner = self.rand_gaussian_noise
+        std = self.R.uniform(0, inner.std) if inner.sample_std else inner.std
+        seed = int(self.R.randint(0, 2**31 - 1))
+        ref = convert_to_tensor(d[first_key], track_meta=get_track_meta())
+        gen = torch.Generator(device=ref.device).manual_seed(seed)
+        noise = torch.randn(ref.shape, generator=gen, device=ref.device, dtype=torch.float32)
+        noise = noise.mul_(float(std)).add_(float(inner.mean))
+        for key in self.key_iterator(d):
+            img = convert_to_tensor(d[key], track_meta=get_track_meta())
+            if inner.dtype is not None:
+                img, *_ = convert_data_type(img, dtype=inner.dtype)
+            d[key] = img + noise.to(device=img.device, dtype=img.dtype)
+        return d

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Release packaging (tools/package_bundles.py) and `python -m monai.bundle download` from a local HTTP server.
 
 MONAI's ``download --source github --repo owner/repo/tag`` builds the URL
@@ -7,7 +8,10 @@ The tests therefore serve the zips from a local ``http.server`` under exactly th
 (1) run the real CLI with ``--url`` at the release-layout path, (2) call ``monai.bundle.download(source="github")``
 in-process with only the host of ``_get_git_release_url`` redirected to the local server, so the name/version
 -> file name rule and the zip layout (one top-level ``<name>/`` folder) are those of the github source.
-The downloaded bundle then runs its own ``configs/inference.json``.
+The downloaded bundle then runs its own ``configs/inference.json`` and a one-epoch training, as a user meets it:
+in a Python that cannot import this repository (a virtual environment that sees the installed packages, torch,
+monai, nibabel, ignite, ..., but not the editable install of ``common``), from another working directory, so
+the only ``common`` it can use is the copy inside the downloaded bundle.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from _ecosystem import FIRST_BUNDLE, ROOT, SMALL, bundle_cmd, copy_bundle, run, serve_directory, small_network, tiny_dataset
+from _ecosystem import BUNDLE_NAMES, FIRST_BUNDLE, ROOT, SMALL, bundle_cmd, copy_bundle, run, serve_directory, small_network, tiny_dataset
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import package_bundles  # noqa: E402
@@ -39,11 +43,13 @@ def _version(bundle_dir: str) -> str:
 
 @pytest.fixture
 def bundles_tree(tmp_path):
-    """A bundles folder holding a copy of the first bundle, with a small checkpoint in models/ and the
-    clutter a training run leaves (which must not be packed)."""
+    """A bundles folder holding a copy of every bundle, each with a small checkpoint in models/, and in the first
+    the clutter a training run leaves (which must not be packed)."""
     tree = tmp_path / "bundles"
-    bdir = copy_bundle(str(tree / FIRST_BUNDLE))
-    torch.save(small_network(all_foreground=True).state_dict(), os.path.join(bdir, "models", "model.pt"))
+    for name in BUNDLE_NAMES:
+        d = copy_bundle(str(tree / name), name)
+        torch.save(small_network(all_foreground=True).state_dict(), os.path.join(d, "models", "model.pt"))
+    bdir = str(tree / FIRST_BUNDLE)
     junk_files = ("runs/train/checkpoint_final.pt", "__pycache__/x.cpython-311.pyc", "configs/.train.json.swp", "data/Liver-CT/dataset.json")
     for junk in junk_files:
         path = os.path.join(bdir, junk)
@@ -75,7 +81,8 @@ def test_zips_are_reproducible_and_indexed(bundles_tree, tmp_path):
     assert zip1.read_bytes() == zip2.read_bytes()
 
     info = json.loads((out1 / "model_info.json").read_text())
-    assert info == {key: {"checksum": hashlib.sha256(zip1.read_bytes()).hexdigest(), "source": f"{base}{key}.zip"}}
+    assert info[key] == {"checksum": hashlib.sha256(zip1.read_bytes()).hexdigest(), "source": f"{base}{key}.zip"}
+    assert sorted(info) == sorted(f"{n}_v{_version(os.path.join(bundles_tree, n))}" for n in BUNDLE_NAMES)
 
     with zipfile.ZipFile(zip1) as zf:
         infos = zf.infolist()
@@ -86,11 +93,28 @@ def test_zips_are_reproducible_and_indexed(bundles_tree, tmp_path):
         assert {"configs/metadata.json", "configs/train.json", "configs/inference.json", "models/model.pt"} <= rel
         leaked = [n for n in rel if n.startswith(("runs", "data", "__pycache__")) or "/." in "/" + n or n.endswith(".pyc")]
         assert not leaked, leaked
+        assert "scenario.json" not in rel, "the render source is not part of a released bundle"
+        # the shared package travels with the bundle: every module of this checkout's common/, and only .py files
+        code = sorted(n[len("common/"):] for n in rel if n.startswith("common/") and n != "common/")
+        assert code == sorted(f for f in os.listdir(os.path.join(ROOT, "common")) if f.endswith(".py"))
+        meta = json.loads(zf.read(f"{FIRST_BUNDLE}/configs/metadata.json"))
+        init = zf.read(f"{FIRST_BUNDLE}/common/__init__.py").decode()
+        assert f'__version__ = "{meta["required_packages_version"]["tlseg-common"]}"' in init
         for i in infos:
             assert i.date_time == (1980, 1, 1, 0, 0, 0)
             mode = i.external_attr >> 16
             assert mode in (0o100644, 0o040755), (i.filename, oct(mode))
             assert (mode == 0o040755) == i.filename.endswith("/")
+
+
+def test_version_mismatch_between_metadata_and_common_is_refused(bundles_tree, tmp_path, capsys):
+    meta_path = os.path.join(bundles_tree, FIRST_BUNDLE, "configs", "metadata.json")
+    meta = json.loads(open(meta_path).read())
+    meta["required_packages_version"]["tlseg-common"] = "0.0.0-other"
+    open(meta_path, "w").write(json.dumps(meta))
+    assert package_bundles.main(["--bundles_dir", bundles_tree, "--output_dir", str(tmp_path), "--base_url", "http://x/"]) == 2
+    err = capsys.readouterr().err
+    assert "0.0.0-other" in err and "render the bundles again" in err
 
 
 def test_unknown_bundle_and_missing_url_are_errors(bundles_tree, tmp_path, capsys):
@@ -146,17 +170,19 @@ def test_download_from_release_layout_then_run_inference(bundles_tree, tmp_path,
         assert (bdir / "configs" / "inference.json").is_file() and (bdir / "models" / "model.pt").is_file()
         assert not (bdir / "runs").exists() and not (bdir / "__pycache__").exists()
 
-    # run the downloaded bundle's inference (its own configs/inference.json and models/model.pt)
+    # run the downloaded bundle's inference (its own configs/inference.json and models/model.pt) in a Python that
+    # cannot import this repository, from another working directory
+    python = isolated_python(tmp_path / "venv")
     bdir = dl1 / FIRST_BUNDLE
     out = tmp_path / "pred"
     work = tmp_path / "cwd"
     work.mkdir()
-    run(
-        bundle_cmd("run", "--config_file", str(bdir / "configs" / "inference.json"), "--meta_file", str(bdir / "configs" / "metadata.json"),
-                   "--logging_file", str(bdir / "configs" / "logging.conf"), "--bundle_root", str(bdir),
-                   "--dataset_dir", os.path.join(images, "imagesTr"), "--output_dir", str(out), *SMALL),
+    proc = run(
+        [python, "-m", "monai.bundle", "run", "inference", "--config_file", str(bdir / "configs" / "inference.json"),
+         "--bundle_root", str(bdir), "--dataset_dir", os.path.join(images, "imagesTr"), "--output_dir", str(out), *SMALL],
         cwd=str(work), timeout=600,
     )  # fmt: skip
+    assert f"Using tlseg-common {_code_version(bdir)} from {bdir / 'common'}" in proc.stdout + proc.stderr
     src = nib.load(os.path.join(images, "imagesTr", "case_000.nii.gz"))
     pred = nib.load(str(out / "case_000_seg.nii.gz"))
     assert pred.shape == src.shape
@@ -164,3 +190,57 @@ def test_download_from_release_layout_then_run_inference(bundles_tree, tmp_path,
     seg = np.asarray(pred.dataobj)
     # the packaged checkpoint makes every voxel foreground: proof that it (not random weights) was used
     assert (seg == 1).mean() > 0.99, np.unique(seg, return_counts=True)
+
+
+def _code_version(bundle_dir) -> str:
+    with open(os.path.join(bundle_dir, "configs", "metadata.json")) as f:
+        return json.load(f)["required_packages_version"]["tlseg-common"]
+
+
+def isolated_python(venv_dir) -> str:
+    """A virtual environment whose Python sees this Python's installed packages but not the editable install of
+    this repository: its site-packages holds a ``.pth`` line naming the main site-packages folder, and a folder
+    added that way has its own ``.pth`` files (the editable finder among them) left unprocessed. Checked: that
+    Python cannot ``import common``, and can import torch, monai, nibabel and ignite."""
+    import site
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv_dir)], check=True)
+    python = os.path.join(str(venv_dir), "bin", "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    with open(os.path.join(purelib, "_main_site_packages.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    probe = subprocess.run([python, "-I", "-c", "import common"], capture_output=True, text=True, cwd=str(venv_dir))
+    assert probe.returncode != 0 and "No module named 'common'" in probe.stderr, "the isolated Python imports common"
+    run([python, "-I", "-c", "import torch, monai, nibabel, ignite"], cwd=str(venv_dir), timeout=120)
+    return python
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_downloaded_bundle_trains_one_epoch_without_this_repository(name, bundles_tree, tmp_path):
+    """Every bundle: package, serve on 127.0.0.1, ``monai.bundle download --url``, then ``run training`` for one
+    epoch from the downloaded folder, in a Python that cannot import this repository, from another folder."""
+    images = tiny_dataset(str(tmp_path / "ds"), 4)
+    python = isolated_python(tmp_path / "venv")
+    with serve_directory(str(tmp_path / "www")) as (base_url, _):
+        package_bundles.main(["--bundles_dir", bundles_tree, "--output_dir", str(tmp_path / "www"), "--base_url", f"{base_url}/",
+                              "--names", name])  # fmt: skip
+        version = _version(os.path.join(bundles_tree, name))
+        run([python, "-m", "monai.bundle", "download", "--name", name, "--url", f"{base_url}/{name}_v{version}.zip",
+             "--bundle_dir", str(tmp_path / "dl")], cwd=str(tmp_path), timeout=300)  # fmt: skip
+    bdir = tmp_path / "dl" / name
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = run(
+        [python, "-m", "monai.bundle", "run", "training", "--config_file", str(bdir / "configs" / "train.json"),
+         "--bundle_root", str(work), "--dataset_dir", images, "--max_epochs", "1", "--iterations_per_epoch", "2", *SMALL],
+        cwd=str(work), timeout=900,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert f"Using tlseg-common {_code_version(bdir)} from {bdir / 'common'}" in log
+    info = json.loads((work / "runs" / "train" / "run_info.json").read_text())
+    assert info["common_path"] == str(bdir / "common")
+    state = torch.load(work / "runs" / "train" / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 and (work / "runs" / "train" / "model.pt").is_file()

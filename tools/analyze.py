@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Representation analyses of Karimi et al. (Figs. 6-10, Tables VII-VIII) on bundle run folders.
 
-Subcommands (each writes CSV and Markdown/PNG into --out; see common/analysis.py for the definitions):
+Subcommands (each writes CSV and Markdown/PNG into --out; see common/analysis.py and common/figures.py for the definitions):
 
   evolution      RUN [RUN ...]            RSIM of every snapshot vs the convergence epoch (Figs. 6-7)
   similarity     --ri RUN ... --tl RUN ...  RSIM between pairs of converged runs + Welch t-tests (Table VII)
@@ -129,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from common import analysis
+    from common import analysis, capture, figures
 
     config = args.config or [os.path.join(args.bundle, "configs", "train.json")]
     runs_dir = args.runs_dir or os.path.join(args.bundle, "runs")
     out = args.out or os.path.join(runs_dir, "analysis")
     which = int(args.which) if str(args.which).isdigit() else args.which
-    setup = analysis.make_setup(
+    setup = capture.make_setup(
         config, dict(args.overrides), images=args.images, layers=args.layers, block_size=args.block_size,
         n_blocks=args.n_blocks, points_per_channel=args.points_per_channel, max_blocks=args.max_blocks,
         seed=args.seed, device=args.device, chunk=args.chunk, progress=not args.quiet,
@@ -153,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     elif cmd == "filters":
         layers = [x.strip() for x in args.filter_layers.split(",") if x.strip()]
         for r in args.runs:
-            analysis.plot_filters(setup, r, layers=layers, n_filters=args.n_filters, which=which, out_dir=out, **kw)
+            figures.plot_filters(setup, r, layers=layers, n_filters=args.n_filters, which=which, out_dir=out, **kw)
     elif cmd == "feature_maps":
         layers = [x.strip() for x in args.map_layers.split(",") if x.strip()]
         for r in args.runs:
-            analysis.plot_feature_maps(setup, r, layers=layers, n_channels=args.n_channels,
+            figures.plot_feature_maps(setup, r, layers=layers, n_channels=args.n_channels,
                                        block_index=args.block_index, which=which, out_dir=out, **kw)
     elif cmd == "all":
         analysis.run_analyses(setup, "all", out, evolution_runs=args.evolution or args.ri + args.tl, ri_runs=args.ri,

@@ -84,7 +84,7 @@ def child(args: argparse.Namespace) -> dict:
             "device": "$torch.device('cpu')",
             "block_size": list(args.block_size),
             "sw_overlap": args.overlap,
-            "sw_batch_size": args.sw_batch_size,
+            "speed#sw_batch_size": args.sw_batch_size,
             "num_classes": args.num_classes,
             "network_def#features": args.features,
         }
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        from common.checkpoints import atomic_write
+        from common.io import atomic_write
 
         atomic_write(args.json, lambda f: f.write(text + "\n"), mode="w")
     return result

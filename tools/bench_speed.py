@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
-"""Speed of the paper's FCN on the GPU: every fast path of ``common.fast`` on and off, side by side.
+"""Speed of the paper's FCN on the GPU: every option of the bundles' ``speed`` id (``common.execution``, ``common.datasets``) on and off, side by side.
 
 One command, the same on CPU and CUDA, one JSON object on stdout (a readable summary on stderr)::
 
@@ -60,8 +60,9 @@ from typing import Any, Callable
 
 import torch
 
-from common.checkpoints import atomic_write
-from common.fast import device_name, synchronize
+from _bench import device_name, synchronize  # noqa: E402  (also puts this checkout on sys.path)
+
+from common.io import atomic_write  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE_CONFIGS = os.path.join(ROOT, "bundles", "liver_ct_from_liver_mri", "configs")
@@ -154,7 +155,7 @@ def skip_reason(variant: str, device: torch.device, args: argparse.Namespace, ba
 @contextlib.contextmanager
 def cudnn_flags(benchmark: bool):
     """The bundles' plain path runs after ``monai.utils.set_determinism`` (deterministic cuDNN, no benchmark);
-    the ``cudnn_benchmark`` path sets benchmark on and deterministic off (``common.fast.set_cudnn_benchmark``)."""
+    the ``cudnn_benchmark`` path sets benchmark on and deterministic off (``common.execution.set_cudnn_benchmark``)."""
     old = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     torch.backends.cudnn.benchmark = benchmark
     torch.backends.cudnn.deterministic = not benchmark
@@ -172,7 +173,7 @@ class Stepper:
     def __init__(self, mode: str, paths: dict[str, bool], device: torch.device, features: int, seed: int) -> None:
         from monai.losses import DiceLoss
 
-        from common import fast
+        from common import execution as fast
         from common.networks import KarimiFCN
         from common.transfer import prepare_network, trainable_parameters
 
@@ -191,7 +192,7 @@ class Stepper:
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from common import fast
+        from common import execution as fast
 
         if self.paths.get("strip_meta"):  # the bundles' strip_meta path (MetaTensor -> torch.Tensor)
             x, y = fast._plain_tensor(x), fast._plain_tensor(y)
@@ -292,7 +293,7 @@ def section_train(args: argparse.Namespace, device: torch.device, peak: float | 
                         torch._dynamo.reset()
                     free_memory(device)
                 if paths["amp"]:
-                    from common.fast import autocast_dtype
+                    from common.execution import autocast_dtype
 
                     row["amp_dtype"] = str(autocast_dtype(device)).replace("torch.", "")
                 if variant == "baseline":
@@ -350,9 +351,9 @@ def loader_overrides(fast_loader: bool, data_dir: str, root: str, args: argparse
         "block_size": [args.block] * 3,
         "device": f"$torch.device('{device}')",
         "network_def#features": args.features,
-        "cache_on_gpu": fast_loader,
-        "thread_loader": fast_loader,
-        "noise_on_device": fast_loader,
+        "speed#cache_on_gpu": fast_loader,
+        "speed#thread_loader": fast_loader,
+        "speed#noise_on_device": fast_loader,
     }
 
 
@@ -450,17 +451,18 @@ def bundle_trainer_run(name: str, batch: int, data_dir: str, root: str, args: ar
     ov = loader_overrides(fast_on, data_dir, root, args, device)
     cuda = device.type == "cuda"
     ov.update({
-        "amp": fast_on, "channels_last": fast_on, "cudnn_benchmark": fast_on and cuda, "compile": False,
+        "speed#amp": fast_on, "speed#channels_last": fast_on, "speed#cudnn_benchmark": fast_on and cuda,
+        "speed#compile": False,
         "train#dataloader#batch_size": batch, "iterations_per_epoch": args.warmup + args.steps,
         "train#trainer#max_epochs": 1,
-        "strip_meta": fast_on,
-        "train#trainer#train_handlers": [{"_target_": "common.fast.AmpGradScalerHandler", "amp_kwargs": "@amp_kwargs"}],
+        "speed#strip_meta": fast_on,
+        "train#trainer#train_handlers": [{"_target_": "common.execution.AmpGradScalerHandler", "amp_kwargs": "@amp_kwargs"}],
     })  # fmt: skip
     row: dict[str, Any] = {"config": name, "batch": batch}
     try:
         import monai
 
-        monai.utils.set_determinism(seed=args.seed)  # as the bundle's initialize
+        monai.utils.set_determinism(seed=args.seed)  # as the bundle's run does first
         parser = bundle_parser(ov)
         trainer = parser.get_parsed_content("train#trainer")
         stamps: list[float] = []
@@ -486,8 +488,10 @@ def bundle_trainer_run(name: str, batch: int, data_dir: str, root: str, args: ar
 
 # ------------------------------------------------------------------------------------------ inference
 def section_inference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from common import fast
-    from common.inference import make_inferer, num_windows
+    from monai.inferers import SlidingWindowInferer
+
+    from common import execution as fast
+    from common.inference import CPU_STITCH_VOXELS, num_windows
     from common.networks import KarimiFCN
 
     size = tuple(args.infer_size)
@@ -512,7 +516,8 @@ def section_inference(args: argparse.Namespace, device: torch.device) -> dict[st
             with fast.autocast(device, enabled=dtype is not None, dtype=dtype):  # warm-up (cuDNN choice)
                 net(torch.rand((sw_batch, 1, *block), device=device))
             for overlap in args.overlaps:
-                inferer = make_inferer(block, overlap=overlap, sw_batch_size=sw_batch, sw_device=device)
+                inferer = SlidingWindowInferer(block, sw_batch_size=sw_batch, overlap=overlap, mode="constant",
+                                               sw_device=device, cpu_thresh=CPU_STITCH_VOXELS)  # as the bundles' inferer
                 seconds = float("inf")
                 for _ in range(args.infer_repeats):  # best of: the first pass may pick cuDNN algorithms
                     sync(device)
@@ -722,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = gpu_peak_tflops(name)
     report: dict[str, Any] = {
-        "benchmark": "tools/bench_speed.py: fast paths on/off (common.fast)",
+        "benchmark": "tools/bench_speed.py: speed options on/off (common.execution)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT)]
                                         + (argv if argv is not None else sys.argv[1:])),

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Benchmark one training step of the paper's FCN: full network vs frozen random encoder.
 
 Prints JSON with, for each mode: ms per step (median of ``--steps`` after ``--warmup``), the peak memory
@@ -31,7 +32,7 @@ import time
 import torch
 import torch.nn as nn
 
-from common.fast import device_name
+from _bench import device_name  # noqa: E402  (also puts this checkout on sys.path)
 
 MODES = ("scratch", "frozen_random_encoder")
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """The main job on the embedded default data: the first scenario (liver CT from liver MRI) end to end.
 
 1. writes synthetic datasets: a liver MR-like source pool and a liver CT-like target (common.synthetic);
@@ -26,9 +27,10 @@ TARGET_RUNS = (("train", None, "R.I. (from scratch)"), ("finetune", "finetune.js
                ("frozen_encoder", "frozen_encoder.json", "frozen random encoder"))
 
 
-def _bundle(configs: list[str], args: list[str], log_path: str) -> None:
+def _bundle(workflow: str, configs: list[str], args: list[str], log_path: str) -> None:
+    """``python -m monai.bundle run <workflow> --config_file "[...]" <args>``, the form users type."""
     files = "[" + ",".join(f"'{os.path.join(BUNDLE, c)}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *args]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", files, *args]
     t = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -61,23 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     make_scenario("liver_ct", tgt, args.n_target, seed=2)
 
     common_args = ["--bundle_root", work, "--block_size", f"[{args.block},{args.block},{args.block}]",
-                   "--iterations_per_epoch", str(args.iters), "--train#trainer#max_epochs", str(args.epochs)]
+                   "--iterations_per_epoch", str(args.iters), "--max_epochs", str(args.epochs)]
     if args.n_train:
         common_args += ["--n_train", str(args.n_train)]
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     print("[2/4] pretrain on the MR source", flush=True)
-    _bundle(["train.json", "pretrain.json"], ["--dataset_dir", src, *common_args], os.path.join(logs, "pretrain.log"))
+    _bundle("training", ["train.json", "pretrain.json"], ["--dataset_dir", src, *common_args], os.path.join(logs, "pretrain.log"))
     print("[3/4] train on the CT target: R.I., T.L., frozen random encoder", flush=True)
     for run, layer, _ in TARGET_RUNS:
         print(f"  {run}", flush=True)
-        _bundle(["train.json"] + ([layer] if layer else []), ["--dataset_dir", tgt, *common_args],
+        _bundle("training", ["train.json"] + ([layer] if layer else []), ["--dataset_dir", tgt, *common_args],
                 os.path.join(logs, f"{run}.log"))
     print("[4/4] evaluate each target run on its test split", flush=True)
     rows = []
     for run, layer, label in TARGET_RUNS:
         out = os.path.join(work, "runs", run)
-        _bundle(["train.json"] + ([layer] if layer else []) + ["evaluate.json"],
+        _bundle("evaluating", ["train.json"] + ([layer] if layer else []) + ["evaluate.json"],
                 ["--dataset_dir", tgt, "--bundle_root", work, "--block_size", f"[{args.block},{args.block},{args.block}]"],
                 os.path.join(logs, f"evaluate_{run}.log"))
         with open(os.path.join(out, "eval", "summary.json")) as f:

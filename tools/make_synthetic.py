@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Write small synthetic datasets (Decathlon layout) for the paper's scenarios: no downloads, seeded.
 
 Examples::

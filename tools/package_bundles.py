@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Package the bundles as release zips and write the ``model_info.json`` index.
 
 For every bundle folder ``bundles/<name>/`` this writes ``<output_dir>/<name>_v<version>.zip`` (the
 version is ``configs/metadata.json``'s ``version``) holding one top-level folder ``<name>/``, the
 layout ``python -m monai.bundle download`` expects, and ``<output_dir>/model_info.json``, the
-model-zoo style index::
+model-zoo style index.
+
+A downloaded bundle runs on its own: each zip carries the shared package ``common/`` (the Python code its
+configs call) beside ``configs/``, and ``configs/metadata.json`` records its version
+(``required_packages_version["tlseg-common"]``, which must equal ``common.__version__``: packaging stops
+otherwise). MONAI's ``ConfigWorkflow.run`` puts the bundle folder on ``sys.path`` before the installed
+packages, so ``python -m monai.bundle run ... --config_file <bundle>/configs/train.json`` imports that copy
+from any working directory (``common.release.check_release`` checks the version at the start of every run).
+The index::
 
     {"<name>_v<version>": {"checksum": "<sha256 of the zip>", "source": "<base_url><name>_v<version>.zip"}}
 
 The zips are reproducible: running the tool twice on the same tree gives byte-identical files (sorted
 entries, fixed timestamps 1980-01-01, fixed permissions 0644 / 0755, fixed compression level).
 Left out: training outputs and caches (``runs/``, ``data/``, ``predictions/``, ``eval/``, ``mlruns/``,
-``__pycache__/``, ``*.pyc``, hidden files); ``models/model.pt`` (and ``models/model.ts``) are packed
-when they exist.
+``__pycache__/``, ``*.pyc``, hidden files) and the bundle's render source ``scenario.json`` (see
+``tools/render_bundles.py``); ``models/model.pt`` (and ``models/model.ts``) are packed when they exist.
 
 Attach the zips and ``model_info.json`` to a GitHub release ``<tag>`` and download a bundle with::
 
@@ -37,13 +46,16 @@ import zipfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
+#: The shared package packed into every bundle zip, as ``<name>/common/``.
+COMMON_DIR = os.path.join(REPO_ROOT, "common")
+CODE_PACKAGE = "tlseg-common"
 
 #: Folder names never packed (training outputs, data, caches), at any depth.
 EXCLUDED_DIRS = frozenset(
     {"runs", "data", "predictions", "eval", "mlruns", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", ".git"}
 )
 #: File name patterns never packed.
-EXCLUDED_FILES = ("*.pyc", "*.pyo", ".*", "*~", "*.swp", "*.tmp", "mlruns.db")
+EXCLUDED_FILES = ("*.pyc", "*.pyo", ".*", "*~", "*.swp", "*.tmp", "mlruns.db", "scenario.json")
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 FILE_MODE = 0o100644  # regular file, rw-r--r--
@@ -119,12 +131,31 @@ def _zip_info(arcname: str, mode: int) -> zipfile.ZipInfo:
     return info
 
 
-def write_bundle_zip(bundle_dir: str, zip_path: str, name: str | None = None) -> list[str]:
+def common_version(common_dir: str = COMMON_DIR) -> str:
+    """``__version__`` of the package in ``common_dir`` (read from its ``__init__.py``, not imported)."""
+    import re
+
+    path = os.path.join(common_dir, "__init__.py")
+    with open(path) as f:
+        m = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    if not m:
+        raise PackagingError(f"{path} has no __version__.")
+    return m.group(1)
+
+
+def write_bundle_zip(bundle_dir: str, zip_path: str, name: str | None = None, common_dir: str | None = COMMON_DIR) -> list[str]:
     """Write ``zip_path`` with ``bundle_dir``'s files under the top-level folder ``name`` (default: the
-    folder's name). Returns the archive names written (files only)."""
+    folder's name), and the package ``common_dir`` as ``<name>/common/`` (None: no code). Returns the archive
+    names written (files only)."""
     name = name or os.path.basename(os.path.normpath(bundle_dir))
     dirs, files = bundle_files(bundle_dir)
-    entries = [(f"{name}/", None)] + [(f"{name}/{d}/", None) for d in dirs] + [(f"{name}/{f}", f) for f in files]
+    entries = [(f"{name}/", None)] + [(f"{name}/{d}/", None) for d in dirs] + [(f"{name}/{f}", os.path.join(bundle_dir, *f.split("/"))) for f in files]
+    if common_dir:
+        cdirs, cfiles = bundle_files(common_dir)
+        if "common" in dirs or any(f.startswith("common/") for f in files):
+            raise PackagingError(f"{bundle_dir} has its own common/ folder; the shared package is packed there.")
+        entries += [(f"{name}/common/", None)] + [(f"{name}/common/{d}/", None) for d in cdirs]
+        entries += [(f"{name}/common/{f}", os.path.join(common_dir, *f.split("/"))) for f in cfiles if f.endswith(".py")]
     entries.sort(key=lambda e: e[0])
     tmp = zip_path + ".part"
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=COMPRESS_LEVEL) as zf:
@@ -132,7 +163,7 @@ def write_bundle_zip(bundle_dir: str, zip_path: str, name: str | None = None) ->
             if rel is None:
                 zf.writestr(_zip_info(arcname, DIR_MODE), b"")
             else:
-                with open(os.path.join(bundle_dir, *rel.split("/")), "rb") as f:
+                with open(rel, "rb") as f:
                     data = f.read()
                 zf.writestr(_zip_info(arcname, FILE_MODE), data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=COMPRESS_LEVEL)
     os.replace(tmp, zip_path)
@@ -187,9 +218,17 @@ def package_bundles(
         with open(index_path) as f:
             index = json.load(f)
     written: dict[str, dict[str, str]] = {}
+    code_version = common_version()
     for name in names:
         bdir = os.path.join(bundles_dir, name)
         version = bundle_version(bdir)
+        with open(os.path.join(bdir, "configs", "metadata.json")) as f:
+            wanted = json.load(f).get("required_packages_version", {}).get(CODE_PACKAGE)
+        if wanted != code_version:
+            raise PackagingError(
+                f"{bdir}/configs/metadata.json names {CODE_PACKAGE} {wanted}, the common/ to pack is {code_version}: "
+                "render the bundles again (python tools/render_bundles.py)."
+            )
         key = f"{name}_v{version}"
         zip_path = os.path.join(output_dir, f"{key}.zip")
         members = write_bundle_zip(bdir, zip_path, name)

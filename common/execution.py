@@ -1,36 +1,40 @@
-"""Fast paths for training and inference on a GPU, each switchable from the bundle configs.
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""How the engines run the network on a device: mixed precision, memory format, compilation, cuDNN
+autotuning, batch preparation and the sliding-window batch.
 
-Every switch is a config id of ``configs/train.json`` (and, where it applies, ``inference.json`` /
-``evaluate.json``). The defaults turn a path on where it helps, i.e. when ``device`` is a CUDA device,
-and leave it off on the CPU; with every switch off the bundles run exactly the plain path (the same
-MONAI classes, the same random streams, bit-identical weights).
+Every option is an entry of the ``speed`` config id of the bundles (``configs/train.json``, and where it
+applies ``inference.json``), e.g. ``--speed#amp false``. The defaults turn an option on where it was
+measured to help, i.e. when ``device`` is a CUDA device (``@gpu``), and leave it off on the CPU; with every
+option off the bundles run exactly the plain path (the same MONAI classes, the same random streams,
+bit-identical weights; ``tests/test_fast_paths.py``). The data-side options (``cache_on_gpu``,
+``thread_loader``, ``noise_on_device``) are implemented in :mod:`common.datasets` and
+:class:`common.transforms.RandGaussianNoised`.
 
-=====================  =====================================================  =================================
-config id              what it does                                           default
-=====================  =====================================================  =================================
-``amp``                mixed precision (``torch.autocast``) in MONAI's        ``$common.fast.is_cuda(@device)``
-                       ``SupervisedTrainer`` / ``SupervisedEvaluator``
-``amp_dtype``          ``null`` (bf16 where the GPU has native bf16, else     ``null``
-                       fp16), ``"bf16"`` or ``"fp16"``
-``amp_kwargs``         ``{"dtype": ...}`` for the engines (:func:`amp_kwargs`)
-``channels_last``      network weights (and training inputs) in               ``$common.fast.is_cuda(@device)``
-                       ``torch.channels_last_3d`` memory format
-``cudnn_benchmark``    ``torch.backends.cudnn.benchmark = True`` (and         ``$common.fast.is_cuda(@device)``
-                       ``deterministic = False``, see :func:`set_cudnn_benchmark`)
-``compile``            ``torch.compile`` of the network, in place             ``false``
-``compile_kwargs``     arguments of ``torch.compile`` (e.g. ``{"mode":        ``{}``
-                       "max-autotune"}``)
-``cache_on_gpu``       the preprocessed volumes cached on the GPU when they   ``$common.fast.is_cuda(@device)``
-                       fit (:class:`DeviceCacheDataset`), so the random
-                       crop / flip / rotation / noise run on GPU tensors
-``thread_loader``      MONAI ``ThreadDataLoader`` instead of ``DataLoader``   ``$common.fast.is_cuda(@device)``
-                       (the random transforms run in a background thread)
-``noise_on_device``    the Gaussian-noise augmentation drawn with torch on    ``$common.fast.is_cuda(@device)``
-                       the image's device (:class:`RandGaussianNoised`)
-``strip_meta``         training batches as plain tensors, not MONAI           ``$common.fast.is_cuda(@device)``
-                       ``MetaTensor`` (:func:`prepare_batch_fn`)
-``sw_batch_size``      windows per forward pass of the sliding window         4 on CUDA, 1 on the CPU
-=====================  =====================================================  =================================
+=========================  =================================================  ========================
+``speed#...`` entry        what it does                                       default
+=========================  =================================================  ========================
+``amp``                    mixed precision (``torch.autocast``) in MONAI's    ``@gpu``
+                           ``SupervisedTrainer`` / ``SupervisedEvaluator``
+``amp_dtype``              ``null`` (bf16 where the GPU has native bf16,      ``null``
+                           else fp16), ``"bf16"`` or ``"fp16"``
+``channels_last``          network weights (and training inputs) in           ``@gpu``
+                           ``torch.channels_last_3d`` memory format
+``cudnn_benchmark``        ``torch.backends.cudnn.benchmark = True`` (and     ``@gpu``
+                           ``deterministic = False``)
+``compile``                ``torch.compile`` of the network, in place         ``false``
+``compile_kwargs``         arguments of ``torch.compile``                     ``{}``
+``cache_on_gpu``           the preprocessed volumes cached on the GPU when    ``@gpu``
+                           they fit (:class:`common.datasets.DeviceCacheDataset`)
+``thread_loader``          MONAI ``ThreadDataLoader`` instead of              ``@gpu``
+                           ``DataLoader`` (random transforms in a thread)
+``noise_on_device``        the Gaussian-noise augmentation drawn with torch   ``@gpu``
+                           on the image's device
+``strip_meta``             training batches as plain tensors, not MONAI       ``@gpu``
+                           ``MetaTensor`` (:func:`prepare_batch_fn`)
+``sw_batch_size``          windows per forward pass of the sliding window     4 on CUDA, 1 on the CPU
+=========================  =================================================  ========================
+
+The engines' ``amp_kwargs`` id is :func:`amp_kwargs` of ``device`` and ``speed#amp_dtype``.
 
 Notes on the paths:
 
@@ -66,16 +70,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 __all__ = [
-    "synchronize",
-    "device_name",
     "is_cuda",
     "autocast_dtype",
     "amp_kwargs",
@@ -85,27 +86,15 @@ __all__ = [
     "set_cudnn_benchmark",
     "compile_network",
     "prepare_for_speed",
+    "prepare_network",
     "to_kwargs",
     "to_device",
     "prepare_batch_fn",
     "prepare_batch_plain",
     "default_sw_batch_size",
-    "cache_device",
-    "cache_dataset",
-    "DeviceCacheDataset",
-    "RandGaussianNoised",
-    "tensor_nbytes",
 ]
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 
 
 def is_cuda(device: Any) -> bool:
@@ -116,6 +105,15 @@ def is_cuda(device: Any) -> bool:
         return torch.device(device).type == "cuda"
     except (RuntimeError, TypeError):
         return False
+
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def _bf16_native(device: torch.device) -> bool:
@@ -249,6 +247,20 @@ def prepare_for_speed(
     return network
 
 
+def prepare_network(network: nn.Module, device: Any, speed: Mapping[str, Any] | None = None) -> nn.Module:
+    """``network`` moved to ``device`` with the network-side options of the bundles' ``speed`` id applied
+    (``channels_last``, ``compile`` with ``compile_kwargs``, ``cudnn_benchmark``; see :func:`prepare_for_speed`).
+    Returns ``network`` (changed in place)."""
+    speed = dict(speed or {})
+    return prepare_for_speed(
+        network.to(device),
+        channels_last=bool(speed.get("channels_last", False)),
+        compile=bool(speed.get("compile", False)),
+        cudnn_benchmark=bool(speed.get("cudnn_benchmark", False)),
+        compile_kwargs=speed.get("compile_kwargs"),
+    )
+
+
 def to_kwargs(channels_last: bool = False) -> dict[str, Any]:
     """``to_kwargs`` of MONAI's engines (arguments of ``Tensor.to`` for each batch)."""
     return {"memory_format": torch.channels_last_3d} if channels_last else {}
@@ -290,166 +302,3 @@ def default_sw_batch_size(device: Any) -> int:
     """Sliding-window batch: 4 windows per forward pass on CUDA (96^3 windows in bf16 take well under
     1 GB), 1 on the CPU (no speed-up there)."""
     return 4 if is_cuda(device) else 1
-
-
-def cache_device(device: Any, enabled: bool = True, num_workers: int = 0) -> torch.device | None:
-    """Where :func:`cache_dataset` should keep the preprocessed volumes: ``device`` when it is CUDA and
-    ``enabled``, else None (CPU memory, the plain path). GPU tensors cannot be handed out by worker
-    processes, so ``num_workers > 0`` keeps the cache on the CPU (with a warning)."""
-    if not enabled or not is_cuda(device):
-        return None
-    if num_workers and int(num_workers) > 0:
-        logger.warning("cache_on_gpu needs num_workers 0 (got %s): the cache stays in CPU memory.", num_workers)
-        return None
-    return torch.device(device)
-
-
-def tensor_nbytes(obj: Any) -> int:
-    """Bytes held by the tensors / arrays in ``obj`` (nested dicts, lists and tuples)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
-    if isinstance(obj, Mapping):
-        return sum(tensor_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_nbytes(v) for v in obj)
-    return 0
-
-
-def _import_cache_dataset():
-    from monai.data import CacheDataset
-
-    return CacheDataset
-
-
-def cache_dataset(data: Sequence, transform: Callable | None = None, device: Any = None,
-                  max_fraction: float = 0.5, **kwargs: Any):  # fmt: skip
-    """MONAI ``CacheDataset(data, transform, **kwargs)`` when ``device`` is None (the plain path), else a
-    :class:`DeviceCacheDataset` keeping the cache on ``device`` when it fits."""
-    if device is None:
-        return _import_cache_dataset()(data, transform, **kwargs)
-    return DeviceCacheDataset(data, transform, device=device, max_fraction=max_fraction, **kwargs)
-
-
-class DeviceCacheDataset(_import_cache_dataset()):
-    """A MONAI ``CacheDataset`` whose cached items (the output of the deterministic transforms) live on a GPU.
-
-    After caching, the items are moved to ``device`` when every item is cached and their total size is at
-    most ``max_fraction`` of the GPU's free memory; otherwise they stay in CPU memory (logged), which is
-    the plain path. The random transforms that follow (crop, flips, rotations, noise) then run on GPU
-    tensors in the data loader, so only the random block is touched per step and nothing crosses PCIe.
-    Use it with ``num_workers=0`` (a ``ThreadDataLoader`` overlaps it with the training step).
-    ``on_device`` says where the cache ended up.
-    """
-
-    def __init__(self, data: Sequence, transform: Callable | None = None, device: Any = "cuda",
-                 max_fraction: float = 0.5, **kwargs: Any) -> None:  # fmt: skip
-        self.cache_device = torch.device(device)
-        self.max_fraction = float(max_fraction)
-        self.on_device = False
-        super().__init__(data, transform, **kwargs)
-
-    def set_data(self, data: Sequence) -> None:
-        super().set_data(data)
-        self._move_cache()
-
-    def _move_cache(self) -> None:
-        self.on_device = False
-        n_items = len({self.hash_func(v) for v in self.data}) if self.hash_as_key else len(self.data)
-        if self.runtime_cache not in (False, None) or self.cache_num < n_items or not self._cache:
-            if self._cache:
-                logger.warning("Cache kept in CPU memory: only %d of %d items are cached.", self.cache_num, n_items)
-            return
-        nbytes = sum(tensor_nbytes(item) for item in self._cache)
-        if self.cache_device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.cache_device)
-            budget = self.max_fraction * free
-        else:
-            budget = float("inf")
-        if nbytes > budget:
-            logger.warning(
-                "Cache of %.2f GB kept in CPU memory: more than %.0f%% of the %.2f GB free on %s.",
-                nbytes / 1e9, 100 * self.max_fraction, budget / self.max_fraction / 1e9, self.cache_device,
-            )  # fmt: skip
-            return
-        self._cache = [to_device(item, self.cache_device) for item in self._cache]
-        self.on_device = True
-        logger.info("Cache of %d items (%.2f GB) on %s.", len(self._cache), nbytes / 1e9, self.cache_device)
-
-
-def _noise_base():
-    from monai.transforms import RandGaussianNoised as _MonaiRandGaussianNoised
-
-    return _MonaiRandGaussianNoised
-
-
-class RandGaussianNoised(_noise_base()):
-    """MONAI's ``RandGaussianNoised`` with the noise optionally drawn by torch on the image's device.
-
-    With ``on_device=False`` (default) it is MONAI's transform, unchanged (numpy float64 noise on the CPU,
-    then copied to the image's device: 28 ms for a 96^3 block on a CPU core, longer than a GPU step). With
-    ``on_device=True`` the decision (probability), the standard deviation and a seed are drawn from the
-    transform's own generator ``self.R`` (so ``set_random_state`` and the RNG states that
-    ``common.checkpoints.RNGState`` saves, which hold ``self.R`` only, make it reproducible, also across a
-    resume), and the noise itself is ``torch.randn`` from a generator on the image's device seeded
-    with that seed: the same distribution, another random stream.
-    """
-
-    def __init__(self, keys, prob: float = 0.1, mean: float = 0.0, std: float = 0.1, dtype=np.float32,
-                 allow_missing_keys: bool = False, sample_std: bool = True,
-                 on_device: bool = False) -> None:  # fmt: skip
-        super().__init__(keys, prob=prob, mean=mean, std=std, dtype=dtype, allow_missing_keys=allow_missing_keys,
-                         sample_std=sample_std)  # fmt: skip
-        self.on_device = bool(on_device)
-
-    def __call__(self, data):
-        if not self.on_device:
-            return super().__call__(data)
-        from monai.data import get_track_meta
-        from monai.utils import convert_data_type, convert_to_tensor
-
-        d = dict(data)
-        self.randomize(None)
-        first_key = self.first_key(d) if self._do_transform else ()
-        if first_key == ():
-            for key in self.key_iterator(d):
-                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
-            return d
-        inner = self.rand_gaussian_noise
-        std = self.R.uniform(0, inner.std) if inner.sample_std else inner.std
-        seed = int(self.R.randint(0, 2**31 - 1))
-        ref = convert_to_tensor(d[first_key], track_meta=get_track_meta())
-        gen = torch.Generator(device=ref.device).manual_seed(seed)
-        noise = torch.randn(ref.shape, generator=gen, device=ref.device, dtype=torch.float32)
-        noise = noise.mul_(float(std)).add_(float(inner.mean))
-        for key in self.key_iterator(d):
-            img = convert_to_tensor(d[key], track_meta=get_track_meta())
-            if inner.dtype is not None:
-                img, *_ = convert_data_type(img, dtype=inner.dtype)
-            d[key] = img + noise.to(device=img.device, dtype=img.dtype)
-        return d
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the device's queued work (CUDA); nothing on the CPU. For timing benchmarks."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device | str = "cpu") -> str:
-    """A readable name of the device: the GPU's name, or the CPU model from ``/proc/cpuinfo``."""
-    import platform
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -1,0 +1,277 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""Run folders: what a training run writes, and how the analyses read it back.
+
+A training run of a bundle (``configs/train.json``) writes into ``<bundle_root>/runs/<run_name>/``::
+
+    run_info.json            seed, command line, package versions, host, time (:func:`write_run_record`)
+    configs/                 copies of the config files of the command
+    datalist.json            the split (training / validation / test cases) and its seed (common.data)
+    model.pt                 the best-validation-DSC weights (a plain state dict)
+    checkpoint.pt            the rolling resumable checkpoint (common.checkpoints); checkpoint_final.pt at the end
+    snapshots/epoch_XXXX.pt  weights at initialisation (epoch 0) and every snapshot_interval epochs
+    snapshots/history.json   the validation DSC of each snapshot (common.handlers.SnapshotSaver)
+    events.out.tfevents.*    TensorBoard
+
+:class:`Run` / :func:`load_run` read such a folder for the representation analyses; :func:`convergence_epoch`
+is the paper's convergence epoch (the first epoch whose validation DSC is within 0.5 % of the best one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .io import atomic_write, write_json
+
+__all__ = [
+    "SNAPSHOT_DIR",
+    "HISTORY_FILE",
+    "DATALIST_FILE",
+    "MODEL_FILE",
+    "RUN_INFO_FILE",
+    "CONVERGENCE_TOLERANCE",
+    "snapshot_name",
+    "is_not_rank0",
+    "write_run_record",
+    "read_history",
+    "convergence_epoch",
+    "Run",
+    "load_run",
+]
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_DIR = "snapshots"
+HISTORY_FILE = "history.json"
+DATALIST_FILE = "datalist.json"
+MODEL_FILE = "model.pt"
+RUN_INFO_FILE = "run_info.json"
+#: The paper's convergence epoch: the first epoch whose validation DSC is within 0.5 % of the best one.
+CONVERGENCE_TOLERANCE = 0.005
+
+_SNAP_RE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def snapshot_name(epoch: int) -> str:
+    """File name of the snapshot of ``epoch`` (``epoch_0000.pt`` is the initialisation)."""
+    return f"epoch_{int(epoch):04d}.pt"
+
+
+def is_not_rank0() -> bool:
+    """True on the processes of a ``torch.distributed`` run other than rank 0 (they write no files)."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+# ---------------------------------------------------------------------------------------------- run record
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "monai", "numpy", "nibabel", "ignite", "scipy", "common"):
+        try:
+            mod = __import__(name)
+            out[name] = str(getattr(mod, "__version__", "unknown"))
+        except Exception:
+            out[name] = "not installed"
+    return out
+
+
+def _config_files_from_argv(argv: list[str]) -> list[str]:
+    """The config files named after ``--config_file`` on a ``monai.bundle run`` command line."""
+    if "--config_file" not in argv:
+        return []
+    raw = argv[argv.index("--config_file") + 1]
+    raw = raw.strip().strip("[]")
+    files = [p.strip().strip("'\"") for p in raw.split(",") if p.strip()]
+    return [f for f in files if os.path.isfile(f)]
+
+
+def write_run_record(output_dir: str, seed: int, extra: Mapping[str, Any] | None = None) -> str | None:
+    """Write ``run_info.json`` (seed, command line, versions, host, time, the ``common`` that ran) and copy
+    the command's config files into ``output_dir/configs/``. Returns the path of ``run_info.json`` (None on the
+    ranks > 0 of a distributed run, which write nothing)."""
+    if is_not_rank0():
+        return None
+    import common
+
+    os.makedirs(output_dir, exist_ok=True)
+    cfg_dir = os.path.join(output_dir, "configs")
+    files = _config_files_from_argv(sys.argv)
+    copied = []
+    for f in files:
+        dst = os.path.join(cfg_dir, os.path.basename(f))
+        with open(f, "rb") as src:
+            content = src.read()
+        atomic_write(dst, lambda fh, c=content: fh.write(c))
+        copied.append(dst)
+    info = {
+        "seed": seed,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "config_files": files,
+        "config_copies": copied,
+        "versions": _versions(),
+        "common_path": os.path.dirname(os.path.abspath(common.__file__)),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        **(dict(extra) if extra else {}),
+    }
+    return write_json(os.path.join(output_dir, RUN_INFO_FILE), info)
+
+
+# ---------------------------------------------------------------------------------------------- history
+def read_history(source: Any) -> dict[str, Any]:
+    """A snapshot history as ``{"metric_name", "interval", "entries": [...]}`` (entries sorted by epoch).
+
+    ``source``: a run folder, its ``snapshots`` folder, a ``history.json`` path, the loaded dict, or a
+    list of entries (dicts with ``epoch`` and ``val_dice``).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            cand = os.path.join(path, SNAPSHOT_DIR, HISTORY_FILE)
+            path = cand if os.path.isfile(cand) else os.path.join(path, HISTORY_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No snapshot history at {path}: train with the SnapshotSaver handler (save_snapshots true)."
+            )
+        with open(path) as f:
+            source = json.load(f)
+    if isinstance(source, dict):
+        entries = source.get("entries", [])
+        out = dict(source)
+    else:
+        entries = list(source)
+        out = {"metric_name": None, "interval": None}
+    out["entries"] = sorted((dict(e) for e in entries), key=lambda e: e["epoch"])
+    return out
+
+
+def convergence_epoch(history: Any, tolerance: float = CONVERGENCE_TOLERANCE) -> int:
+    """The paper's convergence epoch: the first epoch whose validation DSC is ``>= (1 - tolerance) * best``.
+
+    ``history``: a list of numbers (validation DSC per epoch; the result is the list index), or anything
+    :func:`read_history` takes (entries with ``epoch`` and ``val_dice``; the result is that ``epoch``).
+    Epochs without a value (``None``/NaN, e.g. the initialisation) are skipped.
+
+    Example: ``[0.5, 0.8, 0.9, 0.899, 0.95, 0.951]`` -> 4 (``0.95 >= 0.995 * 0.951``).
+    """
+    if isinstance(history, (list, tuple)) and all(v is None or isinstance(v, (int, float)) for v in history):
+        pairs = list(enumerate(history))
+    else:
+        pairs = [(e["epoch"], e.get("val_dice")) for e in read_history(history)["entries"]]
+    pairs = [(ep, float(v)) for ep, v in pairs if v is not None and math.isfinite(float(v))]
+    if not pairs:
+        raise ValueError("The history holds no validation value: cannot find the convergence epoch.")
+    best = max(v for _, v in pairs)
+    threshold = (1.0 - tolerance) * best
+    return int(next(ep for ep, v in pairs if v >= threshold))
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+@dataclass
+class Run:
+    """A run folder: its snapshots (epoch -> file), history, convergence epoch and datalist."""
+
+    path: str
+    name: str
+    snapshots: dict[int, str] = field(default_factory=dict)
+    history: dict[str, Any] | None = None
+    convergence: int | None = None
+    datalist: dict[str, Any] | None = None
+
+    def val_dice(self, epoch: int) -> float | None:
+        """The validation DSC recorded with the snapshot of ``epoch`` (None when there is none)."""
+        for e in (self.history or {}).get("entries", []):
+            if e["epoch"] == epoch:
+                return e.get("val_dice")
+        return None
+
+    def weights(self, which: str | int = "convergence") -> str:
+        """Path of the weights: ``"init"`` (epoch 0), ``"convergence"``, ``"best"`` (``model.pt``),
+        ``"last"`` (latest snapshot) or an epoch number."""
+        if which == "best":
+            path = os.path.join(self.path, MODEL_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"Run {self.name}: no {MODEL_FILE} in {self.path}.")
+            return path
+        if which == "convergence" and self.convergence is None:
+            if not self.snapshots:
+                logger.info("Run %s has no snapshots: using model.pt (best validation) as the converged model.", self.name)
+                return self.weights("best")
+            raise ValueError(f"Run {self.name}: the snapshot history holds no validation DSC, no convergence epoch.")
+        if not self.snapshots:
+            raise FileNotFoundError(
+                f"Run {self.name} ({self.path}) has no weight snapshots: train it with save_snapshots true."
+            )
+        if which == "init":
+            epoch = 0
+        elif which == "last":
+            epoch = max(self.snapshots)
+        elif which == "convergence":
+            epoch = int(self.convergence)  # type: ignore[arg-type]
+        else:
+            epoch = int(which)
+        if epoch not in self.snapshots:
+            later = [e for e in sorted(self.snapshots) if e >= epoch]
+            if which == "convergence" and later:
+                logger.warning("Run %s: no snapshot of convergence epoch %d, using epoch %d.", self.name, epoch, later[0])
+                epoch = later[0]
+            else:
+                raise FileNotFoundError(f"Run {self.name}: no snapshot of epoch {epoch} (have {sorted(self.snapshots)}).")
+        return self.snapshots[epoch]
+
+    def epoch_of(self, which: str | int) -> int | None:
+        """The epoch behind ``which`` (None for ``model.pt``)."""
+        path = self.weights(which)
+        m = _SNAP_RE.match(os.path.basename(path))
+        return int(m.group(1)) if m else None
+
+
+def _split_label(spec: str) -> tuple[str | None, str]:
+    if "=" in spec and not os.path.exists(spec):
+        label, path = spec.split("=", 1)
+        if label and os.sep not in label:
+            return label, path
+    return None, spec
+
+
+def load_run(spec: str | Run, runs_dir: str | None = None, label: str | None = None) -> Run:
+    """Read a run folder. ``spec``: a path, a run name under ``runs_dir``, or ``label=path``."""
+    if isinstance(spec, Run):
+        return spec
+    lab, path = _split_label(os.fspath(spec))
+    label = label or lab
+    if not os.path.isdir(path) and runs_dir and os.path.isdir(os.path.join(runs_dir, path)):
+        path = os.path.join(runs_dir, path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Run folder {path!r} not found" + (f" (also looked in {runs_dir})" if runs_dir else "") + ".")
+    path = os.path.abspath(path)
+    run = Run(path=path, name=label or os.path.basename(os.path.normpath(path)))
+    snap_dir = os.path.join(path, SNAPSHOT_DIR)
+    if os.path.isdir(snap_dir):
+        for f in os.listdir(snap_dir):
+            m = _SNAP_RE.match(f)
+            if m:
+                run.snapshots[int(m.group(1))] = os.path.join(snap_dir, f)
+        try:
+            run.history = read_history(path)
+            run.convergence = convergence_epoch(run.history)
+        except (FileNotFoundError, ValueError) as err:
+            logger.warning("Run %s: %s", run.name, err)
+    dl = os.path.join(path, DATALIST_FILE)
+    if os.path.isfile(dl):
+        from .data import load_datalist
+
+        run.datalist = load_datalist(dl)
+    return run

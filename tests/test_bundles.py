@@ -1,0 +1,215 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""The contract every bundle folder keeps, and the single source its configs are rendered from.
+
+For every folder of ``bundles/`` with a ``configs/metadata.json`` (none hard-coded):
+
+* its rendered files (configs, metadata, logging.conf, LICENSE, models/README.md) are exactly what
+  ``tools/render_bundles.py`` makes from ``bundles/_template`` and the bundle's ``scenario.json``, so a fix
+  made once at the source reaches every bundle, and an edit made in a committed config is caught;
+* MONAI's own bundle checks pass: ``check_properties`` of the train and inference workflows,
+  ``verify_metadata`` against the schema kept in ``bundles/_template/metadata_schema.json`` (offline) and
+  ``verify_net_in_out``;
+* train, inference, evaluate and rsim use the same network and apply the same preprocessing to an image;
+* the forms users type work from another working directory: ``run training``, the bare ``run``,
+  ``run evaluating``, ``run inference``;
+* a failed run ends with its reason (the file and the problem in the last lines of the output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from _ecosystem import BUNDLE_NAMES, BUNDLES_DIR, ROOT, SMALL, bundle_cmd, run, tiny_dataset
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import render_bundles  # noqa: E402
+
+SCHEMA = os.path.join(BUNDLES_DIR, "_template", "metadata_schema.json")
+SMALL_OVERRIDES = {"network_def#features": 4, "block_size": [16, 16, 16]}
+
+
+def cfg(name: str, *files: str) -> list[str]:
+    return [os.path.join(BUNDLES_DIR, name, "configs", f) for f in files]
+
+
+def as_arg(files: list[str]) -> str:
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(str(tmp_path_factory.mktemp("bundle_data") / "ds"), 4)
+
+
+# ---------------------------------------------------------------------------------------------- one source
+def test_every_bundle_has_a_source():
+    assert BUNDLE_NAMES, "no bundle found"
+    assert render_bundles.bundle_names() == BUNDLE_NAMES
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_committed_bundle_is_what_its_source_renders(name):
+    assert render_bundles.differences(name) == [], "run: python tools/render_bundles.py"
+
+
+def test_an_edit_made_in_a_rendered_config_is_caught_and_a_source_edit_reaches_every_config(tmp_path):
+    tree = str(tmp_path / "bundles")
+    shutil.copytree(BUNDLES_DIR, tree, ignore=shutil.ignore_patterns("runs", "data", "__pycache__"))
+    name = BUNDLE_NAMES[0]
+    path = os.path.join(tree, name, "configs", "train.json")
+    config = json.loads(open(path).read())
+    config["base_lr"] = 0.5  # a fix made in one committed bundle, not at its source
+    open(path, "w").write(json.dumps(config, indent=4) + "\n")
+    diff = render_bundles.differences(name, tree)
+    assert diff == [f"{name}/configs/train.json: differs from its source (bundles/_template + {name}/scenario.json)"]
+
+    # one edit of the scenario reaches every config that has the id, and rendering writes nothing else
+    scenario_path = os.path.join(tree, name, "scenario.json")
+    scenario = json.loads(open(scenario_path).read())
+    scenario["params"]["pixdim"] = [1.25, 1.25, 1.25]
+    open(scenario_path, "w").write(json.dumps(scenario))
+    rendered = render_bundles.render_bundle(name, tree)
+    with_pixdim = [rel for rel, text in rendered.items() if rel.endswith(".json") and "pixdim" in json.loads(text)]
+    assert {"configs/train.json", "configs/inference.json", "configs/rsim.json"} <= set(with_pixdim)
+    assert all(json.loads(rendered[rel])["pixdim"] == [1.25, 1.25, 1.25] for rel in with_pixdim)
+
+    # a param that no config has is refused (a typo would otherwise be ignored)
+    scenario["params"]["pixdimm"] = [1, 1, 1]
+    open(scenario_path, "w").write(json.dumps(scenario))
+    with pytest.raises(render_bundles.RenderError, match="pixdimm"):
+        render_bundles.render_bundle(name, tree)
+
+
+# ---------------------------------------------------------------------------------------------- MONAI's checks
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_check_properties_of_train_and_inference_workflows(name, data, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    train = ConfigWorkflow(config_file=cfg(name, "train.json"), workflow_type="train", dataset_dir=data,
+                           bundle_root=str(tmp_path), **SMALL_OVERRIDES)  # fmt: skip
+    train.initialize()
+    assert train.check_properties() == []
+    assert train.max_epochs == json.loads(open(cfg(name, "train.json")[0]).read())["max_epochs"]
+    infer = ConfigWorkflow(config_file=cfg(name, "inference.json"), workflow_type="infer", bundle_root=str(tmp_path),
+                           dataset_dir=os.path.join(data, "imagesTr"), **SMALL_OVERRIDES)  # fmt: skip
+    infer.initialize()
+    assert infer.check_properties() == []
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_metadata_verifies_against_the_schema_kept_in_the_repository(name, tmp_path):
+    from monai.bundle import verify_metadata
+
+    meta_file = cfg(name, "metadata.json")[0]
+    verify_metadata(meta_file=meta_file, filepath=SCHEMA)  # the schema file exists: nothing is downloaded
+    meta = json.loads(open(meta_file).read())
+    scenario = json.loads(open(os.path.join(BUNDLES_DIR, name, "scenario.json")).read())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == scenario["labels"]  # MONAI Label's labels
+    import common
+
+    assert meta["required_packages_version"]["tlseg-common"] == common.__version__
+    bad = dict(meta)
+    del bad["task"]
+    bad_file = tmp_path / "metadata.json"
+    bad_file.write_text(json.dumps(bad))
+    with pytest.raises(Exception):
+        verify_metadata(meta_file=str(bad_file), filepath=SCHEMA)
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_verify_net_in_out(name):
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(net_id="network_def", meta_file=cfg(name, "metadata.json")[0],
+                      config_file=cfg(name, "inference.json")[0], device="cpu", **{"network_def#features": 4})  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_train_inference_evaluate_rsim_share_network_and_preprocessing(name, data):
+    from monai.bundle import ConfigParser
+
+    layouts = {
+        "train": cfg(name, "train.json"),
+        "inference": cfg(name, "inference.json"),
+        "evaluate": cfg(name, "train.json", "finetune.json", "evaluate.json"),
+        "rsim": cfg(name, "rsim.json"),
+    }
+    with open(os.path.join(data, "dataset.json")) as f:
+        case = json.load(f)["training"][0]
+    item = {k: os.path.join(data, case[k]) for k in ("image", "label")}
+    images, nets, defs = {}, {}, {}
+    for what, files in layouts.items():
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser.update(SMALL_OVERRIDES)
+        defs[what] = parser.get("network_def")
+        net = parser.get_parsed_content("network_def")
+        nets[what] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        out = parser.get_parsed_content("preprocessing")(dict(item))
+        images[what] = (torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]))
+    ref = "train"
+    for what in layouts:
+        assert defs[what] == defs[ref], f"{what}: network_def differs from train.json's"
+        assert nets[what] == nets[ref]
+        assert torch.equal(images[what][0], images[ref][0]), f"{what}: the image is preprocessed differently"
+        assert torch.equal(images[what][1], images[ref][1]), f"{what}: the label is preprocessed differently"
+    # and the preprocessing is the one the scenario asks for (voxel size): the image was resampled to pixdim
+    pixdim = json.loads(open(cfg(name, "train.json")[0]).read())["pixdim"]
+    src = nib.load(item["image"])
+    expected = [round(n * s / p) for n, s, p in zip(src.shape, src.header.get_zooms()[:3], pixdim)]
+    assert [abs(a - b) <= 1 for a, b in zip(images[ref][0].shape[1:], expected)] == [True] * 3
+
+
+# ---------------------------------------------------------------------------------------------- as users run it
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_command_forms_from_another_working_directory(name, tmp_path):
+    """``run training`` (pretrain), the bare ``run`` (fine-tune), ``run evaluating`` and ``run inference``, each
+    started from a folder that is neither the repository nor the bundle."""
+    src = tiny_dataset(str(tmp_path / "src"), 4, seed=1)
+    tgt = tiny_dataset(str(tmp_path / "tgt"), 4, seed=2)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    short = ["--max_epochs", "1", "--iterations_per_epoch", "2", *SMALL, "--bundle_root", str(work)]
+    run(bundle_cmd("run", "training", "--config_file", as_arg(cfg(name, "train.json", "pretrain.json")),
+                   "--dataset_dir", src, *short), cwd=str(work))  # fmt: skip
+    assert (work / "runs" / "pretrain" / "model.pt").is_file()
+    proc = run(bundle_cmd("run", "--config_file", as_arg(cfg(name, "train.json", "finetune.json")), "--dataset_dir", tgt, *short),
+               cwd=str(work))  # fmt: skip
+    assert "Loaded source weights from" in proc.stdout + proc.stderr
+    run(bundle_cmd("run", "evaluating", "--config_file", as_arg(cfg(name, "train.json", "finetune.json", "evaluate.json")),
+                   "--dataset_dir", tgt, *SMALL, "--bundle_root", str(work)), cwd=str(work))  # fmt: skip
+    summary = json.loads((work / "runs" / "finetune" / "eval" / "summary.json").read_text())
+    assert summary["n_cases"] == len(json.loads((work / "runs" / "finetune" / "datalist.json").read_text())["test"])
+    run(bundle_cmd("run", "inference", "--config_file", cfg(name, "inference.json")[0], "--dataset_dir",
+                   os.path.join(tgt, "imagesTr"), "--ckpt_path", str(work / "runs" / "finetune" / "model.pt"),
+                   "--output_dir", str(work / "pred"), *SMALL), cwd=str(work))  # fmt: skip
+    assert len([f for f in os.listdir(work / "pred") if f.endswith("_seg.nii.gz")]) == 4
+
+
+@pytest.mark.slow
+def test_a_failed_run_ends_with_its_reason(tmp_path):
+    """A dataset whose label holds a value outside the classes: the last lines name the file and the problem
+    (not MONAI's ``Failed to evaluate ConfigExpression`` wrapper)."""
+    data = tiny_dataset(str(tmp_path / "ds"), 4)
+    bad = os.path.join(data, "labelsTr", "case_002.nii.gz")
+    img = nib.load(bad)
+    arr = np.asarray(img.dataobj).copy()
+    arr[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(arr, img.affine), bad)
+    name = BUNDLE_NAMES[0]
+    proc = run(bundle_cmd("run", "training", "--config_file", cfg(name, "train.json")[0], "--dataset_dir", data,
+                          "--bundle_root", str(tmp_path), *SMALL), cwd=str(tmp_path), check=False)  # fmt: skip
+    assert proc.returncode != 0
+    tail = [line for line in proc.stderr.splitlines() if line.strip()][-2:]
+    assert "The run stopped: common.data.DataError:" in tail[-1] or "The run stopped: DataError:" in tail[-1], tail
+    assert bad in tail[-1] and "label values [7] are outside the declared classes 0..1" in tail[-1], tail
+    assert "Failed to evaluate" not in tail[-1]
