@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Export of every bundle's network: TorchScript (`python -m monai.bundle ckpt_export`) and ONNX.
 
 The paper's FCN is scripted with ``torch.jit.script`` (no ``--use_trace`` needed: its Python control flow,
