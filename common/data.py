@@ -35,6 +35,7 @@ __all__ = [
     "DataError",
     "read_decathlon",
     "check_case",
+    "check_same_grid",
     "check_image_file",
     "check_output_dir",
     "check_cases",
@@ -231,6 +232,23 @@ def check_output_dir(path: str, what: str = "Output folder") -> str:
     return path
 
 
+def check_same_grid(
+    image: str, label: str, image_shape: Sequence[int], label_shape: Sequence[int], image_affine: Any, label_affine: Any
+) -> None:
+    """Raise :class:`DataError` naming ``label`` (a path) unless it lies on ``image``'s voxel grid: the same spatial
+    shape and affines equal within 1e-3 mm."""
+    if tuple(label_shape) != tuple(image_shape):
+        raise DataError(
+            f"{label}: label shape {tuple(label_shape)} differs from image shape {tuple(image_shape)} ({image}); "
+            f"image and label must share one voxel grid."
+        )
+    if not np.allclose(image_affine, label_affine, atol=_AFFINE_ATOL):
+        raise DataError(
+            f"{label}: label affine differs from the image's ({image}); image and label must share one voxel grid."
+            f"\nimage affine:\n{np.round(np.asarray(image_affine), 4)}\nlabel affine:\n{np.round(np.asarray(label_affine), 4)}"
+        )
+
+
 def check_case(case: dict[str, str], num_classes: int, check_values: bool = True) -> dict[str, Any]:
     """Check one labelled case; returns ``{"shape", "spacing", "labels"}``.
 
@@ -244,16 +262,7 @@ def check_case(case: dict[str, str], num_classes: int, check_values: bool = True
     lab = _load_header(case["label"])
     ishape = _check_shape(case["image"], img.shape, 1, "image")
     lshape = _check_shape(case["label"], lab.shape, 1, "label")
-    if lshape != ishape:
-        raise DataError(
-            f"{case['label']}: label shape {tuple(lab.shape)} differs from image shape {tuple(img.shape)} "
-            f"({case['image']})."
-        )
-    if not np.allclose(img.affine, lab.affine, atol=_AFFINE_ATOL):
-        raise DataError(
-            f"{case['label']}: label affine differs from the image's ({case['image']}); image and label must "
-            f"share one voxel grid.\nimage affine:\n{np.round(img.affine, 4)}\nlabel affine:\n{np.round(lab.affine, 4)}"
-        )
+    check_same_grid(case["image"], case["label"], ishape, lshape, img.affine, lab.affine)
     info: dict[str, Any] = {"shape": ishape, "spacing": tuple(float(s) for s in img.header.get_zooms()[:3])}
     if check_values:
         _check_complete(case["label"], lab)

@@ -191,7 +191,21 @@ class DecoderLevel(nn.Module):
         return self.residual(self.fuse(x))
 
 
-class KarimiFCN(nn.Module):
+class ConvLayers:
+    """Mixin of the section protocol: the convolutions of a network in forward (module) order."""
+
+    def conv_layers(self) -> list[tuple[str, nn.Module]]:
+        """All convolution modules in forward order, with their names."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+
+    def last_layers(self, k: int = 2) -> list[nn.Module]:
+        """The last ``k`` convolution layers in forward order (``k=2``: the head and the convolution before it)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        return [m for _, m in self.conv_layers()[-k:]]
+
+
+class KarimiFCN(ConvLayers, nn.Module):
     """The paper's Fig. 1 FCN (see the module docstring for the topology).
 
     Args:
@@ -290,16 +304,6 @@ class KarimiFCN(nn.Module):
         yield from self.decoder.parameters()
         yield from self.head.parameters()
 
-    def conv_layers(self) -> list[tuple[str, nn.Module]]:
-        """All convolution modules (encoder, decoder, head) in forward order, with their names."""
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-
-    def last_layers(self, k: int = 2) -> list[nn.Module]:
-        """The last ``k`` convolution layers in forward order (``k=2``: the head and the last decoder conv)."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}.")
-        return [m for _, m in self.conv_layers()[-k:]]
-
     def head_names(self) -> tuple[str, ...]:
         """State-dict keys of the output head (re-initialised when the class count changes)."""
         return ("head.weight", "head.bias")
@@ -317,7 +321,7 @@ class KarimiFCN(nn.Module):
         return OrderedDict((name, mod.block2[1].conv) for name, mod in self.probe_modules().items())
 
 
-class VNet(_MonaiVNet):
+class VNet(ConvLayers, _MonaiVNet):
     """MONAI's V-Net (Milletari et al. 2016; the paper's Fig. 9) with this module's section protocol, as the
     paper used it: He initialisation like the FCN, one dropout setting, and frozen sections that stay frozen.
 
@@ -388,16 +392,6 @@ class VNet(_MonaiVNet):
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the ``up_tr*`` stages and the head ``out_tr``."""
         return self._section(self.DECODER)
-
-    def conv_layers(self) -> list[tuple[str, nn.Module]]:
-        """All convolution modules in forward order, with their names."""
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-
-    def last_layers(self, k: int = 2) -> list[nn.Module]:
-        """The last ``k`` convolution layers in forward order (``k=2``: the two convolutions of ``out_tr``)."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}.")
-        return [m for _, m in self.conv_layers()[-k:]]
 
     def head_names(self) -> tuple[str, ...]:
         """State-dict keys of the head ``out_tr`` (its convolutions and normalisation depend on the class count)."""

@@ -61,6 +61,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .data import DataError
+from .data import check_same_grid as _check_same_grid
 from .io import atomic_path, remove_stale_temporaries, write_json
 
 __all__ = [
@@ -458,17 +459,8 @@ def read_png_masks(ground: str, image: Any, files: Sequence[str], instances: Seq
 
 def check_same_grid(image: Volume, label: Volume) -> None:
     """Raise :class:`DataError` (naming the label) unless ``label`` is on ``image``'s voxel grid
-    (same shape, affines equal within 1e-3 mm)."""
-    if image.array.shape != label.array.shape:
-        raise DataError(
-            f"{label.path}: label shape {label.array.shape} differs from the image's {image.array.shape} "
-            f"({image.path}); image and label must share one voxel grid."
-        )
-    if not np.allclose(image.affine, label.affine, atol=_AFFINE_ATOL):
-        raise DataError(
-            f"{label.path}: label affine differs from the image's ({image.path}); image and label must share one "
-            f"voxel grid.\nimage affine:\n{np.round(image.affine, 4)}\nlabel affine:\n{np.round(label.affine, 4)}"
-        )
+    (same shape, affines equal within 1e-3 mm; :func:`common.data.check_same_grid`)."""
+    _check_same_grid(image.path, label.path, image.array.shape, label.array.shape, image.affine, label.affine)
 
 
 def to_output_grid(
