@@ -8,9 +8,10 @@ falls below 0.995 times its previous value. Both are offered by :class:`PlateauD
 * ``monitor="loss"`` (the paper, default): at the end of every window of ``interval`` iterations the
   mean training loss of the window is compared with the mean of the previous window; when it did not
   decrease the learning rate is multiplied by ``factor``.
-* ``monitor="val_dice"`` (the authors' code): at the end of every window the latest validation Dice
-  (``evaluator.state.metrics[metric_name]``) is compared with the value at the previous window end;
-  when it is below ``tolerance`` (0.995) times that value the learning rate is multiplied by ``factor``.
+* ``monitor="val_dice"`` (the authors' code): after the end of every window, the validation Dice of the first
+  validation run that follows (``evaluator.state.metrics[metric_name]`` when the evaluator completes, i.e. the
+  validation of the weights the window trained) is compared with the value at the previous decision; when it is
+  below ``tolerance`` (0.995) times that value the learning rate is multiplied by ``factor``.
 
 The decay state is part of the checkpoint (``state_dict`` / ``load_state_dict``), so a resumed run
 decays exactly as an uninterrupted one would. In a multi-GPU run the loss is averaged over the ranks, so
@@ -148,11 +149,19 @@ class PlateauDecay:
         self.rule = DecayRule(monitor, tolerance)
         self.output_transform = output_transform or _loss_from_output
         self.decays = 0
+        #: ``val_dice``: a window ended and waits for the validation that follows it
+        self.window_ended = False
+        self._trainer: Any = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if self.rule.monitor == "val_dice":
+            # the validation of a window's end runs after the window's last ITERATION_COMPLETED (MONAI's
+            # ValidationHandler at EPOCH_COMPLETED): decide when it has completed, with its metric
+            self._trainer = engine
+            self.evaluator.add_event_handler(Events.COMPLETED, self.validation_completed)
 
     def __call__(self, engine: Any) -> None:
         if self.rule.monitor == "loss":
@@ -160,12 +169,21 @@ class PlateauDecay:
             if loss is not None:
                 self.rule.update(_mean_over_ranks(float(loss)))
         if engine.state.iteration % self.interval == 0:
-            value = None
             if self.rule.monitor == "val_dice":
-                value = self.evaluator.state.metrics.get(self.metric_name) if self.evaluator.state else None
-            if self.rule.window_end(value):
+                self.window_ended = True
+            elif self.rule.window_end(None):
                 self._decay(engine)
         engine.state.metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+
+    def validation_completed(self, evaluator: Any) -> None:
+        """``val_dice``: the decision of the window(s) that ended before this validation, on its metric."""
+        if not self.window_ended:
+            return
+        self.window_ended = False
+        if self.rule.window_end(evaluator.state.metrics.get(self.metric_name)):
+            self._decay(self._trainer)
+        if self._trainer is not None:
+            self._trainer.state.metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _decay(self, engine: Any) -> None:
         self.decays += 1
@@ -182,11 +200,12 @@ class PlateauDecay:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule.state_dict(), "decays": self.decays}
+        return {"rule": self.rule.state_dict(), "decays": self.decays, "window_ended": self.window_ended}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rule.load_state_dict(state.get("rule", {}))
         self.decays = int(state.get("decays", 0))
+        self.window_ended = bool(state.get("window_ended", False))
 
 
 def _mean_over_ranks(value: float) -> float:

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Datasets: the deterministic 70/30 split, n_train subsets, and a clear error for each bad dataset."""
 
 from __future__ import annotations
@@ -133,11 +134,17 @@ def test_nan_image(dataset, tmp_path):
 
 
 def test_normalisation_by_modality():
+    # CT: the window [-1000, 1000] HU -> [0, 1], clipped (exact in float32 for these values)
     ct = torch.tensor([-2000.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0])
-    assert torch.allclose(NormalizeModality("CT")(ct), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    assert torch.equal(torch.as_tensor(NormalizeModality("CT")(ct)), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    # MR: divided by the population standard deviation (not centred): [100, 300, 500, 700] has mean 400 and
+    # variance (300^2 + 100^2 + 100^2 + 300^2) / 4 = 50000, std 100 sqrt(5), so the result is [1, 3, 5, 7] / sqrt(5)
     mr = torch.tensor([1.0, 3.0, 5.0, 7.0]) * 100
-    out = NormalizeModality("mri")(mr)
-    assert torch.allclose(out, mr / mr.std()) and abs(out.std().item() - 1.0) < 1e-6
+    out = torch.as_tensor(NormalizeModality("mri")(mr))
+    expected = torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64) / 5**0.5
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)  # float32: a few ulps
+    assert out.double().std(unbiased=False).item() == pytest.approx(1.0, rel=1e-6)
+    assert isinstance(NormalizeModality("MR")(mr.numpy()), np.ndarray)  # numpy in, numpy out
     with pytest.raises(ValueError, match="constant"):
         NormalizeModality("MR")(torch.ones(5))
     with pytest.raises(ValueError, match="modality"):

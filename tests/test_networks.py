@@ -1,14 +1,17 @@
-"""The paper's FCN: topology counts, parameter count, init statistics, shapes and errors."""
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""The paper's FCN and the V-Net: topology counts, parameter count, init statistics, shapes and errors."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from common.networks import PROBE_NAMES, KarimiFCN, build_network, count_convs
+from common import transfer
+from common.networks import PROBE_NAMES, KarimiFCN, VNet, build_network, count_convs
 
 
 def _expected_parameter_count(f: int = 14, c_in: int = 1, c_out: int = 2) -> tuple[int, int]:
@@ -64,26 +67,90 @@ def test_output_shape_and_channel_widths():
     assert [tuple(t.shape[2:]) for t in feats] == [(16, 24, 32), (8, 12, 16), (4, 6, 8), (2, 3, 4)]
 
 
+#: std of a normal truncated at +-2 std, relative to the untruncated std:
+#: sqrt(1 - 2 z phi(z) / (Phi(z) - Phi(-z))) with z = 2 (= 0.8796)
+_Z = 2.0
+TRUNC_STD_FACTOR = math.sqrt(1 - 2 * _Z * math.exp(-_Z * _Z / 2) / math.sqrt(2 * math.pi) / math.erf(_Z / math.sqrt(2)))
+
+
+def _check_he_truncated(net: nn.Module) -> int:
+    """Every convolution of ``net``: weights drawn He truncated-normal, ``sigma = sqrt(2 / fan_in)`` with
+    ``fan_in = c_in * prod(kernel)`` (c_in per group for a convolution, the input channels for a transposed
+    one), cut at 2 sigma; biases 0.001. Returns the number of convolutions checked."""
+    n_conv = 0
+    for name, m in net.named_modules():
+        if not isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            continue
+        n_conv += 1
+        c_in = m.in_channels if isinstance(m, nn.ConvTranspose3d) else m.in_channels // m.groups
+        sigma = math.sqrt(2.0 / (c_in * math.prod(m.kernel_size)))
+        w = m.weight.detach().double()
+        n = w.numel()
+        assert w.abs().max() <= 2 * sigma * (1 + 1e-6), name  # the cut (float32 rounding of the bound)
+        # the sample std of n draws lies within 5 standard errors (~ std / sqrt(2 n)) of the truncated std;
+        # PyTorch's default init (std = 1 / sqrt(3 fan_in), 2.45x smaller) is far outside for every layer
+        # with more than a handful of weights
+        tol = 5 * TRUNC_STD_FACTOR * sigma / math.sqrt(2 * n)
+        assert abs(w.std().item() - TRUNC_STD_FACTOR * sigma) < tol, (name, w.std().item(), TRUNC_STD_FACTOR * sigma)
+        assert abs(w.mean().item()) < 5 * TRUNC_STD_FACTOR * sigma / math.sqrt(n), name
+        if m.bias is not None:
+            assert torch.equal(m.bias, torch.full_like(m.bias, 0.001)), name
+    return n_conv
+
+
 def test_he_truncated_init_statistics():
     torch.manual_seed(0)
-    net = KarimiFCN()
-    # variance of a normal truncated at +-2 std, relative to the untruncated variance
-    z = 2.0
-    phi = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-    mass = math.erf(z / math.sqrt(2))
-    trunc_std_factor = math.sqrt(1 - 2 * z * phi / mass)  # = 0.8796
-    for name, m in net.named_modules():
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-            fan_in = m.in_channels * 27
-            sigma = math.sqrt(2.0 / fan_in)
-            w = m.weight.detach()
-            n = w.numel()
-            assert w.abs().max() <= 2 * sigma + 1e-7, name
-            # the sample std of n draws is within ~5 standard errors of the truncated std
-            tol = 5 * trunc_std_factor * sigma / math.sqrt(2 * n) + 1e-9
-            assert abs(w.std().item() - trunc_std_factor * sigma) < max(tol, 0.02 * sigma), name
-            assert abs(w.mean().item()) < 5 * sigma / math.sqrt(n), name
-            assert torch.allclose(m.bias, torch.full_like(m.bias, 0.001)), name
+    assert _check_he_truncated(KarimiFCN()) == 33 + 18 + 1
+
+
+@pytest.fixture(scope="module")
+def vnet():
+    """One ``common.networks.VNet(dropout=0.2)`` (building one takes seconds: 45 M weights drawn); tests use copies."""
+    torch.manual_seed(0)
+    return VNet(dropout=0.2)
+
+
+def test_vnet_he_truncated_init(vnet):
+    """``common.networks.VNet``: He init like the FCN, for the 5^3 convolutions, the 2^3 down and up (transposed)
+    convolutions and the 1^3 head alike."""
+    net = vnet
+    assert _check_he_truncated(net) == len(net.conv_layers()) == 25
+    big = net.get_submodule("down_tr256.ops.0.conv_block.conv")  # 256 * 125 inputs: sigma = 0.00791
+    assert big.weight.std().item() == pytest.approx(TRUNC_STD_FACTOR * math.sqrt(2 / (256 * 125)), rel=0.01)
+
+
+def test_vnet_one_dropout_setting(vnet):
+    """One dropout probability for the whole V-Net: MONAI's own uses 0.5 on the up path by default and always
+    on the skip connections of its last two up stages."""
+    drops = [(n, m.p) for n, m in vnet.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    assert len(drops) == 8, drops  # down_tr128/256, up_tr256/128 (2 each), the skips of up_tr64/32
+    assert all(q == 0.2 for _, q in drops), drops
+    with pytest.raises(ValueError, match="dropout"):
+        VNet(dropout=1.0)
+
+
+@pytest.mark.parametrize("mode", ["frozen_random_encoder", "finetune_decoder", "finetune_encoder"])
+def test_vnet_batchnorm_of_frozen_sections_stays_in_eval_mode(mode, vnet, tmp_path):
+    """After ``network.train()`` and a training-mode forward pass, the BatchNorm layers of the frozen section
+    keep their running statistics (eval mode: they normalise with the source's / the initial statistics), while
+    those of the trained section move (training mode)."""
+    torch.manual_seed(0)
+    src = tmp_path / "source.pt"
+    torch.save(vnet.state_dict(), src)
+    net = transfer.prepare_network(copy.deepcopy(vnet), mode, str(src) if mode in transfer.SOURCE_MODES else None)
+    frozen_names = VNet.ENCODER if mode != "finetune_encoder" else VNet.DECODER
+    norms = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm3d)}
+    frozen = {n for n in norms if n.split(".")[0] in frozen_names}
+    assert frozen and len(frozen) < len(norms)
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in norms.items()}
+    net.train()
+    assert all(not norms[n].training for n in frozen) and all(norms[n].training for n in set(norms) - frozen)
+    net(torch.randn(2, 1, 16, 16, 16) * 3.0 + 1.0)  # batch 2: the deepest stage has 2 values per channel
+    for n, m in norms.items():
+        same = all(torch.equal(v, before[n][k]) for k, v in m.state_dict().items())
+        assert same == (n in frozen), (n, "frozen" if n in frozen else "trained")
+    net.eval().train()  # switching back and forth keeps them frozen
+    assert all(not norms[n].training for n in frozen)
 
 
 def test_untrained_logits_not_saturated():
