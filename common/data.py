@@ -25,6 +25,7 @@ import math
 import os
 import random
 import zlib
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "check_output_dir",
     "check_cases",
     "split_cases",
+    "read_sources",
     "make_datalist",
     "load_datalist",
     "list_images",
@@ -48,6 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _AFFINE_ATOL = 1e-3  # mm; voxel grids closer than this are the same grid
+#: Optional fields of a ``dataset.json`` training entry that the datalists keep.
+ENTRY_FIELDS = ("group", "split")
 
 
 class DataError(ValueError):
@@ -63,7 +67,9 @@ def _case_id(path: str) -> str:
 
 
 def read_decathlon(dataset_dir: str) -> dict[str, Any]:
-    """Read ``dataset.json``; returns it with ``training`` entries made absolute, each with a ``case`` id.
+    """Read ``dataset.json``; returns it with ``training`` entries made absolute, each with a ``case`` id (the
+    entry's ``case``, else the image's file name), and the entry's ``group`` (a centre or age group) and
+    ``split`` (``"train"`` or ``"test"``: a case fixed to one side of the split) when it has them.
 
     Raises:
         DataError: no such folder, no or unreadable ``dataset.json``, no labelled cases, missing files.
@@ -93,12 +99,17 @@ def read_decathlon(dataset_dir: str) -> dict[str, Any]:
                                        base_dir=os.path.abspath(dataset_dir))  # fmt: skip
     cases = []
     missing = []
-    for entry in resolved:
+    for raw, entry in zip(training, resolved):
         item = {k: os.path.normpath(entry[k]) for k in ("image", "label")}
         for k in ("image", "label"):
             if not os.path.isfile(item[k]):
                 missing.append(item[k])
-        item["case"] = _case_id(item["image"])
+        item["case"] = str(raw.get("case") or _case_id(item["image"]))
+        for k in ENTRY_FIELDS:
+            if raw.get(k) not in (None, ""):
+                item[k] = str(raw[k])
+        if item.get("split") not in (None, "train", "test"):
+            raise DataError(f"{meta_path}: case {item['case']} has split {item['split']!r}; use 'train' or 'test'.")
         cases.append(item)
     if missing:
         raise DataError(
@@ -249,18 +260,27 @@ def check_same_grid(
         )
 
 
-def check_case(case: dict[str, str], num_classes: int, check_values: bool = True) -> dict[str, Any]:
+def check_case(case: Mapping[str, Any], num_classes: int, check_values: bool = True) -> dict[str, Any]:
     """Check one labelled case; returns ``{"shape", "spacing", "labels"}``.
 
-    Checks: both files readable, image 3-D (or 4-D with one channel), the label on the same voxel
-    grid (shape and affine), label values integers within ``0 .. num_classes-1``, no NaN/inf image voxels.
+    Checks: both files readable, the image 3-D with one channel (or with several when the case names its
+    ``channel``, which must exist), the label on the same voxel grid (shape and affine), label values integers
+    within ``0 .. num_classes-1`` (after the case's ``label_map``, whose keys must cover every value of the
+    file: an unexpected value is an error, never a silent remap), no NaN/inf image voxels.
 
     Raises:
         DataError: naming the file and the problem.
     """
     img = _load_header(case["image"])
     lab = _load_header(case["label"])
-    ishape = _check_shape(case["image"], img.shape, 1, "image")
+    channel = case.get("channel")
+    if channel is None:
+        ishape = _check_shape(case["image"], img.shape, 1, "image")
+    else:
+        ishape = _check_shape(case["image"], img.shape, math.prod(int(s) for s in img.shape[3:]), "image")
+        n_channels = math.prod(int(s) for s in img.shape[3:])
+        if not 0 <= int(channel) < n_channels:
+            raise DataError(f"{case['image']}: channel {channel} was asked for, the image has {n_channels} channel(s).")
     lshape = _check_shape(case["label"], lab.shape, 1, "label")
     check_same_grid(case["image"], case["label"], ishape, lshape, img.affine, lab.affine)
     info: dict[str, Any] = {"shape": ishape, "spacing": tuple(float(s) for s in img.header.get_zooms()[:3])}
@@ -272,10 +292,23 @@ def check_case(case: dict[str, str], num_classes: int, check_values: bool = True
         if not np.isfinite(labels).all():
             raise DataError(f"{case['label']}: {int((~np.isfinite(labels)).sum())} label voxels are NaN or inf.")
         values = np.unique(labels)
-        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
+        noninteger = [v for v in values.tolist() if v != int(v)]
+        if noninteger:
+            raise DataError(f"{case['label']}: label values {noninteger[:5]} are not integers.")
+        label_map = case.get("label_map")
+        if label_map is not None:
+            unknown = [int(v) for v in values.tolist() if str(int(v)) not in label_map]
+            if unknown:
+                raise DataError(
+                    f"{case['label']}: label values {unknown[:5]} are not in the label map {dict(label_map)} of "
+                    f"source {case.get('source', '?')}; add them to the map (e.g. to 0) if they are expected."
+                )
+            values = np.unique([int(label_map[str(int(v))]) for v in values.tolist()])
+        bad = [v for v in values.tolist() if not 0 <= v < num_classes]
         if bad:
+            mapped = " after the label map" if label_map is not None else ""
             raise DataError(
-                f"{case['label']}: label values {bad[:5]} are outside the declared classes 0..{num_classes - 1}."
+                f"{case['label']}: label values {bad[:5]}{mapped} are outside the declared classes 0..{num_classes - 1}."
             )
         if not np.isfinite(image).all():
             raise DataError(f"{case['image']}: {int((~np.isfinite(image)).sum())} voxels are NaN or inf.")
@@ -298,27 +331,86 @@ def check_cases(cases: Sequence[dict[str, str]], num_classes: int, check_values:
 
 
 def split_cases(
-    cases: Sequence[dict[str, str]], seed: int = 0, test_fraction: float = 0.3
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    cases: Sequence[Mapping[str, Any]], seed: int = 0, test_fraction: float = 0.3, n_test: int | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic split into (train+validation pool, test).
 
-    Cases are sorted by id, shuffled with ``random.Random(seed)`` and the last
-    ``round(test_fraction * n)`` (at least 1 when there are 2+ cases) form the test set; the result does
-    not depend on the order of ``dataset.json``.
+    Cases are sorted by id, shuffled with ``random.Random(seed)`` and the last ``n_test`` (default
+    ``round(test_fraction * n)``, at least 1 when there are 2+ cases) form the test set; the result does not
+    depend on the order of ``dataset.json``. Cases marked ``"split": "test"`` (or ``"train"``) in their entry
+    are fixed to that side; the others are split as above (``n_test`` then counts the unmarked ones too).
     """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
-    ordered = sorted(cases, key=lambda c: c["case"])
+    fixed_test = [dict(c) for c in cases if c.get("split") == "test"]
+    fixed_pool = [dict(c) for c in cases if c.get("split") == "train"]
+    free = [dict(c) for c in cases if c.get("split") not in ("test", "train")]
+    if fixed_test or fixed_pool:
+        if n_test is None:
+            n_test = 0 if fixed_test else None
+        else:
+            n_test = max(0, int(n_test) - len(fixed_test))
+    ordered = sorted(free, key=lambda c: c["case"])
     random.Random(seed).shuffle(ordered)
-    n_test = int(round(test_fraction * len(ordered)))
-    if test_fraction > 0 and len(ordered) >= 2:
-        n_test = max(1, n_test)
-    n_pool = len(ordered) - n_test
-    return ordered[:n_pool], ordered[n_pool:]
+    if n_test is None:
+        n_test = int(round(test_fraction * len(ordered)))
+        if test_fraction > 0 and len(ordered) >= 2:
+            n_test = max(1, n_test)
+    if not 0 <= int(n_test) < max(1, len(ordered)) and not (n_test == 0 and not ordered):
+        raise ValueError(f"n_test={n_test} leaves no case for training among {len(ordered)} cases.")
+    n_pool = len(ordered) - int(n_test)
+    pool = sorted(fixed_pool, key=lambda c: c["case"]) + ordered[:n_pool]
+    return pool, ordered[n_pool:] + sorted(fixed_test, key=lambda c: c["case"])
+
+
+def read_sources(dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The datasets a run reads, each as ``{"name", "dir", "label_map", "channel", "meta"}``.
+
+    ``dataset_dir`` is one Decathlon folder, or a pool: a list of folders and/or source specs
+    ``{"dir": folder, "name": optional, "label_map": {"source value": class, ...}, "channel": index or name}``.
+    ``label_map`` maps every label value of that dataset to a class of the run (values it does not list are an
+    error when the cases are checked); ``channel`` picks one channel of multi-channel images, by index or by its
+    name in the dataset's ``modality`` map (e.g. ``"FLAIR"``).
+    """
+    specs = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike, Mapping)) else list(dataset_dir or [])
+    if not specs:
+        raise DataError("No dataset given: pass --dataset_dir <Decathlon folder> (or a list of them).")
+    sources = []
+    for spec in specs:
+        spec = {"dir": os.fspath(spec)} if isinstance(spec, (str, os.PathLike)) else dict(spec)
+        if "dir" not in spec:
+            raise DataError(f"Source {spec!r} has no 'dir' (the Decathlon folder).")
+        meta = read_decathlon(spec["dir"])
+        name = str(spec.get("name") or os.path.basename(os.path.normpath(spec["dir"])))
+        label_map = spec.get("label_map")
+        if label_map is not None:
+            label_map = {str(int(float(k))): int(v) for k, v in dict(label_map).items()}
+        channel = spec.get("channel")
+        if channel is not None and not isinstance(channel, int) and not str(channel).isdigit():
+            names = {str(v).lower(): int(k) for k, v in (meta.get("modality") or {}).items()}
+            if str(channel).lower() not in names:
+                raise DataError(
+                    f"{spec['dir']}: no channel named {channel!r} in its dataset.json modality {meta.get('modality')}."
+                )
+            channel = names[str(channel).lower()]
+        sources.append({"name": name, "dir": meta["dataset_dir"], "label_map": label_map,
+                        "channel": None if channel is None else int(channel), "meta": meta})  # fmt: skip
+    names = [s["name"] for s in sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"Sources repeat a name: {names}; give each a distinct 'name'.")
+    return sources
+
+
+def _interleave(lists: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Round-robin merge (first of each, then second of each, ...): a subset drawn from the front is balanced."""
+    out = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
 
 
 def make_datalist(
-    dataset_dir: str,
+    dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]],
     output_dir: str | None = None,
     n_train: int | None = None,
     n_val: int | None = None,
@@ -327,61 +419,105 @@ def make_datalist(
     num_classes: int = 2,
     check: bool = True,
     filename: str = "datalist.json",
+    n_test: int | None = None,
+    groups: Sequence[str] | str | None = None,
 ) -> dict[str, Any]:
-    """Read, check and split a dataset; write the datalist JSON to ``output_dir``.
+    """Read, check and split the run's data; write the datalist JSON to ``output_dir``.
+
+    The split is made per stratum (each dataset of a pool, and each ``group`` of a dataset: a centre or an age
+    group of in-house data): ``test_fraction`` (or ``n_test`` cases) of each stratum form its test set, with the
+    seed (:func:`split_cases`). ``groups`` keeps only the strata of those groups (e.g. ``["center5"]`` or the
+    four other centres). Validation and training cases are then drawn from the strata's train+validation pools
+    in turn (a small ``n_train`` takes from every dataset and group).
 
     Args:
-        dataset_dir: a Decathlon-layout folder.
+        dataset_dir: one Decathlon folder, or a pool (see :func:`read_sources`).
         output_dir: where ``datalist.json`` is written (None: not written).
-        n_train: training cases taken from the 70 % pool (None: all that remain after validation).
-        n_val: validation cases taken from the pool (None: ``max(1, round(0.2 * pool))``, 0 when the pool has 1 case).
+        n_train: training cases (None: all that remain after validation).
+        n_val: validation cases (None: ``max(1, round(0.2 * pool))``, 0 when the pool has 1 case).
         seed: the split's seed (recorded in the datalist).
-        test_fraction: the test share (the paper: 0.3).
+        test_fraction: the test share of each stratum (the paper: 0.3).
         num_classes: classes including background, for the label check.
         check: check every case before training (shape/affine/label values/NaN).
+        n_test: test cases per stratum instead of ``test_fraction``.
+        groups: the groups to keep (None: all; a string is one group, or comma-separated).
 
     Returns:
-        ``{"training": [...], "validation": [...], "test": [...], "seed", "dataset_dir", ...}``; each case is
-        ``{"image", "label", "case"}`` with absolute paths.
+        ``{"training": [...], "validation": [...], "test": [...], "seed", "sources", "strata", ...}``; each case
+        is ``{"image", "label", "case"}`` with absolute paths, plus ``source`` in a pool, ``group`` where the
+        dataset has groups, and the source's ``label_map`` / ``channel`` when it sets them.
 
     Raises:
-        DataError: bad dataset (see :func:`read_decathlon`, :func:`check_case`) or ``n_train`` larger than available.
+        DataError: bad dataset (see :func:`read_decathlon`, :func:`check_case`), an unknown group, or ``n_train``
+            larger than available.
     """
     if output_dir:
         check_output_dir(output_dir, "Run output folder")  # fail before the checks, not after them
-    meta = read_decathlon(dataset_dir)
-    cases = meta["training"]
-    pool, test = split_cases(cases, seed=seed, test_fraction=test_fraction)
+    sources = read_sources(dataset_dir)
+    where = ", ".join(s["dir"] for s in sources)
+    if isinstance(groups, str):
+        groups = [g.strip() for g in groups.split(",") if g.strip()]
+    pooled = len(sources) > 1
+    strata = []
+    for src in sources:
+        cases = []
+        for c in src["meta"]["training"]:
+            item = dict(c)
+            if pooled:
+                item["source"] = src["name"]
+                item["case"] = f"{src['name']}/{c['case']}"
+            if src["label_map"] is not None:
+                item["label_map"] = dict(src["label_map"])
+            if src["channel"] is not None:
+                item["channel"] = src["channel"]
+            cases.append(item)
+        for group in sorted({c.get("group") for c in cases}, key=str):
+            members = [c for c in cases if c.get("group") == group]
+            pool, test = split_cases(members, seed=seed, test_fraction=test_fraction, n_test=n_test)
+            strata.append({"source": src["name"], "group": group, "pool": pool, "test": test})
+    if groups:
+        known = sorted({str(s["group"]) for s in strata if s["group"] is not None})
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            raise DataError(f"{where}: groups {unknown} are not in the data (its groups: {known or 'none'}).")
+        strata = [s for s in strata if s["group"] in groups]
+    pool = _interleave([s["pool"] for s in strata])
+    test = [c for s in strata for c in s["test"]]
     if n_val is None:
         n_val = max(1, int(round(0.2 * len(pool)))) if len(pool) > 1 else 0
     if n_val < 0 or (n_val > 0 and n_val >= len(pool)):
-        raise DataError(
-            f"{dataset_dir}: n_val={n_val} leaves no training case in the train+validation pool of {len(pool)} cases."
-        )
+        raise DataError(f"{where}: n_val={n_val} leaves no training case in the train+validation pool of {len(pool)} cases.")
     val, rest = pool[:n_val], pool[n_val:]
     if n_train is None:
         n_train = len(rest)
     if n_train < 1:
-        raise DataError(f"{dataset_dir}: n_train must be >= 1, got {n_train}.")
+        raise DataError(f"{where}: n_train must be >= 1, got {n_train}.")
     if n_train > len(rest):
+        total = sum(len(s["pool"]) + len(s["test"]) for s in strata)
         raise DataError(
-            f"{dataset_dir}: n_train={n_train} but only {len(rest)} training cases are available "
-            f"({len(cases)} labelled cases: {len(pool)} in the 70 % train+validation pool, {n_val} of them for validation, "
-            f"{len(test)} for test)."
+            f"{where}: n_train={n_train} but only {len(rest)} training cases are available ({total} labelled cases: "
+            f"{len(pool)} in the train+validation pool, {n_val} of them for validation, {len(test)} for test); "
+            f"lower --n_val, --test_fraction or --n_test to free more."
         )
     train = rest[:n_train]
     summary = {}
     if check:
         summary = check_cases(train + val + test, num_classes)
+    first = sources[0]["meta"]
     datalist = {
-        "dataset_dir": meta["dataset_dir"],
-        "name": meta.get("name", os.path.basename(os.path.normpath(dataset_dir))),
-        "modality": meta.get("modality", {}),
-        "labels": meta.get("labels", {}),
+        "dataset_dir": sources[0]["dir"] if not pooled else [s["dir"] for s in sources],
+        "name": first.get("name", sources[0]["name"]) if not pooled else "+".join(s["name"] for s in sources),
+        "modality": first.get("modality", {}),
+        "labels": first.get("labels", {}),
         "seed": seed,
         "test_fraction": test_fraction,
+        "n_test": n_test,
+        "groups": list(groups) if groups else None,
         "n_train": n_train,
         "n_val": n_val,
+        "sources": [{k: s[k] for k in ("name", "dir", "label_map", "channel")} for s in sources],
+        "strata": [{"source": s["source"], "group": s["group"], "n_pool": len(s["pool"]), "n_test": len(s["test"])}
+                   for s in strata],  # fmt: skip
         "checks": summary,
         "training": train,
         "validation": val,

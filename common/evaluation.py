@@ -21,6 +21,7 @@ Outputs (written atomically: a temporary file in the same folder, then ``os.repl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -89,13 +90,15 @@ def load_test_cases(
     test_fraction: float = 0.3,
     num_classes: int = 2,
     check: bool = True,
+    n_test: int | None = None,
+    groups: Sequence[str] | str | None = None,
 ) -> list[dict[str, str]]:
     """The labelled test cases to evaluate, ``[{"image", "label", "case"}, ...]``.
 
     Taken from, in this order: ``datalist`` (an explicit datalist JSON, e.g. ``--datalist``; must exist),
     ``run_datalist`` (the ``datalist.json`` the training run wrote, when it exists), else the split rebuilt
-    from ``dataset_dir`` with ``seed`` and ``test_fraction`` (the same function and seed as training, so the
-    same test cases; nothing is written).
+    from ``dataset_dir`` with ``seed``, ``test_fraction``, ``n_test`` and ``groups`` (the same function and settings
+    as training, so the same test cases; nothing is written).
 
     With ``check`` (default) every test case is checked before any is evaluated, as training checks its cases
     (:func:`common.data.check_cases`: readable and complete files, 3-D, image and label on one grid, label values
@@ -112,9 +115,8 @@ def load_test_cases(
     else:
         if not dataset_dir:
             raise DataError("No test cases: pass --datalist <datalist.json> or --dataset_dir <Decathlon folder>.")
-        d = make_datalist(
-            dataset_dir, None, seed=seed, test_fraction=test_fraction, num_classes=num_classes, check=False
-        )
+        d = make_datalist(dataset_dir, None, seed=seed, test_fraction=test_fraction, num_classes=num_classes,
+                          check=False, n_test=n_test, groups=groups)  # fmt: skip
         cases, source = d["test"], f"{dataset_dir} (split rebuilt with seed {seed})"
         where = f" at {run_datalist}" if run_datalist else ""
         logger.info("No run datalist%s: rebuilt the test split from %s.", where, source)
@@ -246,15 +248,25 @@ def write_results(
 
 
 def original_reference(label: Any) -> Any:
-    """The reference label as stored in its file (original grid), read again with MONAI's ``LoadImage`` when
-    ``label`` is a ``MetaTensor`` that names its file (``filename_or_obj``), whatever the preprocessing did to
-    it (the bundles resample the batch's label with the image); else ``label`` itself."""
-    src = (getattr(label, "meta", None) or {}).get("filename_or_obj")
-    if isinstance(src, str) and os.path.isfile(src):
-        from monai.transforms import LoadImage
+    """The reference label on its file's original grid, read again with MONAI's ``LoadImage`` when ``label`` is a
+    ``MetaTensor`` that names its file (``filename_or_obj``), whatever the preprocessing did to it (the bundles
+    resample the batch's label with the image), with the label map the preprocessing applied (a pooled source's,
+    :class:`common.transforms.MapLabelsd`); else ``label`` itself."""
+    meta = getattr(label, "meta", None) or {}
+    src = meta.get("filename_or_obj")
+    if not (isinstance(src, str) and os.path.isfile(src)):
+        return label
+    from monai.transforms import LoadImage
 
-        return LoadImage(image_only=True, ensure_channel_first=True)(src)
-    return label
+    from .transforms import LABEL_MAP_META, MapLabelsd
+
+    ref = LoadImage(image_only=True, ensure_channel_first=True)(src)
+    mapping = meta.get(LABEL_MAP_META)
+    if isinstance(mapping, (list, tuple)):  # a batch of one, collated
+        mapping = mapping[0]
+    if mapping:
+        ref = MapLabelsd("label")({"label": ref, "label_map": json.loads(mapping)})["label"]
+    return ref
 
 
 # ------------------------------------------------------------------------------------------ handler

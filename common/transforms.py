@@ -14,6 +14,10 @@
   MONAI's transform exactly.
 * :class:`RandGaussianNoised`: MONAI's ``RandGaussianNoised`` with the noise optionally drawn on the image's
   device (``speed#noise_on_device``).
+* :class:`SelectChanneld` / :class:`MapLabelsd`: the per-dataset channel choice and label map of a pooled run
+  (:func:`common.data.make_datalist` puts each source's ``channel`` and ``label_map`` into its cases). MONAI's
+  ``SplitDimd`` / ``MapLabelValued`` take one setting for every item; in a pool each item carries its own, so
+  these read it from the item (and do nothing for an item without one, e.g. at inference).
 
 The rest of the pipeline (load, channel first, orientation, random 96^3 blocks with padding, flips,
 rotations by multiples of 90 degrees) uses MONAI's transforms directly and is listed in each bundle's
@@ -22,7 +26,8 @@ config, so MONAI Label and readers see every step.
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+import json
+from typing import Any, Hashable, Mapping
 
 import numpy as np
 import torch
@@ -31,7 +36,19 @@ from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRan
 from monai.transforms import RandGaussianNoised as _MonaiRandGaussianNoised
 from monai.transforms import Spacingd as _MonaiSpacingd
 
-__all__ = ["CT_WINDOW", "NormalizeModality", "NormalizeModalityd", "CheckFinited", "Spacingd", "RandGaussianNoised"]
+__all__ = [
+    "CT_WINDOW",
+    "NormalizeModality",
+    "NormalizeModalityd",
+    "CheckFinited",
+    "Spacingd",
+    "RandGaussianNoised",
+    "SelectChanneld",
+    "MapLabelsd",
+]
+
+#: Where :class:`MapLabelsd` records the map it applied in a ``MetaTensor``'s metadata (a JSON string).
+LABEL_MAP_META = "tlseg_label_map"
 
 #: The paper's CT window in Hounsfield units, mapped to [0, 1].
 CT_WINDOW = (-1000.0, 1000.0)
@@ -177,4 +194,56 @@ class RandGaussianNoised(_MonaiRandGaussianNoised):
             if inner.dtype is not None:
                 img, *_ = convert_data_type(img, dtype=inner.dtype)
             d[key] = img + noise.to(device=img.device, dtype=img.dtype)
+        return d
+
+
+class SelectChanneld(MapTransform):
+    """Keep one channel of a channel-first image, the one its item names under ``channel_key`` (an index);
+    items without it are returned unchanged. The key is removed from the item (so batches collate).
+
+    Shapes: ``(C, X, Y, Z)`` -> ``(1, X, Y, Z)``.
+    """
+
+    def __init__(self, keys: KeysCollection, channel_key: str = "channel", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.channel_key = channel_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        channel = d.pop(self.channel_key, None)
+        if channel is None:
+            return d
+        for key in self.key_iterator(d):
+            c = int(channel)
+            if not 0 <= c < d[key].shape[0]:
+                name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"{name}: channel {c} was asked for, the image has {d[key].shape[0]} channel(s).")
+            d[key] = d[key][c : c + 1]
+        return d
+
+
+class MapLabelsd(MapTransform):
+    """Map the label values of an item with the map its item carries under ``map_key`` (``{"source value":
+    class}``, every value of the label present: :func:`common.data.check_case` checked it); items without a map
+    are returned unchanged. The key is removed from the item (so batches collate).
+    """
+
+    def __init__(self, keys: KeysCollection, map_key: str = "label_map", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.map_key = map_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        label_map = d.pop(self.map_key, None)
+        if label_map is None:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            out = img.clone() if isinstance(img, torch.Tensor) else np.array(img, copy=True)
+            rounded = torch.round(img) if isinstance(img, torch.Tensor) else np.round(img)
+            for src, dst in label_map.items():
+                out[rounded == float(src)] = float(dst)
+            if hasattr(out, "meta"):  # evaluation re-reads the original label file and maps it the same way
+                out.meta[LABEL_MAP_META] = json.dumps({str(k): int(v) for k, v in label_map.items()}, sort_keys=True)
+            d[key] = out
         return d
