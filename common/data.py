@@ -322,7 +322,7 @@ def check_cases(cases: Sequence[dict[str, str]], num_classes: int, check_values:
     """Check every case (see :func:`check_case`); returns a summary with the count of all-background labels."""
     n_empty = 0
     for case in cases:
-        info = check_case(case, num_classes, check_values)
+        info = check_case(case, int(case.get("num_classes", num_classes)), check_values)
         if check_values and max(info["labels"]) == 0:
             n_empty += 1
     if n_empty:
@@ -367,10 +367,13 @@ def read_sources(dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[s
     """The datasets a run reads, each as ``{"name", "dir", "label_map", "channel", "meta"}``.
 
     ``dataset_dir`` is one Decathlon folder, or a pool: a list of folders and/or source specs
-    ``{"dir": folder, "name": optional, "label_map": {"source value": class, ...}, "channel": index or name}``.
-    ``label_map`` maps every label value of that dataset to a class of the run (values it does not list are an
-    error when the cases are checked); ``channel`` picks one channel of multi-channel images, by index or by its
-    name in the dataset's ``modality`` map (e.g. ``"FLAIR"``).
+    ``{"dir": folder, "name": optional, "label_map": {"source value": class, ...}, "channel": index or name,
+    "task": head name, "modality": "CT" or "MR", "num_classes": classes}``. ``label_map`` maps every label value
+    of that dataset to a class of the run (values it does not list are an error when the cases are checked);
+    ``channel`` picks one channel of multi-channel images, by index or by its name in the dataset's ``modality``
+    map (e.g. ``"FLAIR"``). ``task``, ``modality`` and ``num_classes`` are for multi-task runs, whose datasets keep
+    their own labels and normalisation: each case goes to its task's head, is normalised for its modality, and
+    is checked against its task's classes.
     """
     specs = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike, Mapping)) else list(dataset_dir or [])
     if not specs:
@@ -393,8 +396,9 @@ def read_sources(dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[s
                     f"{spec['dir']}: no channel named {channel!r} in its dataset.json modality {meta.get('modality')}."
                 )
             channel = names[str(channel).lower()]
+        extra = {k: spec[k] for k in ("task", "modality", "num_classes") if spec.get(k) is not None}
         sources.append({"name": name, "dir": meta["dataset_dir"], "label_map": label_map,
-                        "channel": None if channel is None else int(channel), "meta": meta})  # fmt: skip
+                        "channel": None if channel is None else int(channel), "meta": meta, **extra})  # fmt: skip
     names = [s["name"] for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"Sources repeat a name: {names}; give each a distinct 'name'.")
@@ -470,6 +474,9 @@ def make_datalist(
                 item["label_map"] = dict(src["label_map"])
             if src["channel"] is not None:
                 item["channel"] = src["channel"]
+            for k in ("task", "modality", "num_classes"):
+                if k in src:
+                    item[k] = src[k]
             cases.append(item)
         for group in sorted({c.get("group") for c in cases}, key=str):
             members = [c for c in cases if c.get("group") == group]
@@ -515,7 +522,8 @@ def make_datalist(
         "groups": list(groups) if groups else None,
         "n_train": n_train,
         "n_val": n_val,
-        "sources": [{k: s[k] for k in ("name", "dir", "label_map", "channel")} for s in sources],
+        "sources": [{k: s[k] for k in ("name", "dir", "label_map", "channel", "task", "modality", "num_classes") if k in s}
+                    for s in sources],  # fmt: skip
         "strata": [{"source": s["source"], "group": s["group"], "n_pool": len(s["pool"]), "n_test": len(s["test"])}
                    for s in strata],  # fmt: skip
         "checks": summary,

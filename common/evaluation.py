@@ -188,6 +188,19 @@ def _summary_of(rows: Sequence[Mapping[str, Any]], lesion_task: bool) -> dict[st
     return out
 
 
+def _class_summary(rows: Sequence[Mapping[str, Any]], lesion_task: bool) -> dict[str, Any]:
+    """The summary of ``rows``: at the top level with one foreground class, else under ``per_class``."""
+    classes = sorted({int(r["class"]) for r in rows})
+    if len(classes) == 1:
+        return _summary_of(rows, lesion_task)
+    per_class = {c: _summary_of([r for r in rows if int(r["class"]) == c], lesion_task) for c in classes}
+    conventions = {}
+    for v in per_class.values():
+        conventions = v.pop("conventions")
+    n_cases = len(dict.fromkeys(r["case"] for r in rows))
+    return {"n_cases": n_cases, "per_class": per_class, "conventions": conventions}
+
+
 def write_results(
     rows: Sequence[Mapping[str, Any]],
     output_dir: str,
@@ -202,23 +215,25 @@ def write_results(
     With one foreground class the summary holds :func:`common.metrics.summarize`'s fields at its top level
     (``n_cases``, ``n_empty_pred``, ``n_empty_ref``, ``n_both_empty``, ``dice``/``hd95``/``assd`` (+``f1``)
     each with ``mean``, ``std``, ``mean_finite``, ``std_finite``, ``n_finite``, ``n_inf``); with several it
-    holds them per class under ``per_class``. ``conventions`` names the HD95 convention, units and grid.
+    holds them per class under ``per_class``; rows of a multi-task network (a ``task`` column) are summarised per
+    task under ``per_task``, each as above. ``conventions`` names the HD95 convention, units and grid.
     """
     if not rows:
         raise ValueError("No evaluated cases: nothing to write.")
-    cols = _columns(lesion_task)
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r.get("task") is not None))
+    cols = (["task"] if tasks else []) + _columns(lesion_task)
 
     classes = sorted({int(r["class"]) for r in rows})
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    if len(classes) == 1:
-        summary: dict[str, Any] = _summary_of(rows, lesion_task)
-        conventions = summary.pop("conventions")
-    else:
-        per_class = {c: _summary_of([r for r in rows if int(r["class"]) == c], lesion_task) for c in classes}
+    if tasks:  # a multi-task network: each task's cases on its own classes
+        per_task = {t: _class_summary([r for r in rows if r.get("task") == t], lesion_task) for t in tasks}
         conventions = {}
-        for v in per_class.values():
+        for v in per_task.values():
             conventions = v.pop("conventions")
-        summary = {"n_cases": len(cases), "per_class": per_class}
+        summary: dict[str, Any] = {"n_cases": len(cases), "per_task": per_task}
+    else:
+        summary = _class_summary(rows, lesion_task)
+        conventions = summary.pop("conventions")
     conventions.update(
         {
             "hd95": f"{hd95_convention}: {HD95_DESCRIPTIONS[hd95_convention]}; numpy linear-interpolated percentiles",
@@ -279,7 +294,8 @@ class CaseMetricsWriter:
 
     Args:
         output_dir: folder of ``metrics.csv`` and ``summary.json``.
-        num_classes: classes including background; classes ``1 .. num_classes-1`` are evaluated.
+        num_classes: classes including background; classes ``1 .. num_classes-1`` are evaluated (a case of a
+            multi-task run names its own ``num_classes`` and ``task``: its classes, and a ``task`` column).
         lesion_task: also compute lesion-count detection (TP, FP, FN, F1).
         hd95_convention: ``"max"`` (default) or ``"pooled"``.
         info: extra entries for the summary (e.g. the checkpoint path).
@@ -353,13 +369,22 @@ class CaseMetricsWriter:
                 f"(shape {tuple(label.shape)}): the post-processing must invert the preprocessing (Invertd)."
             )
         spacing = spacing_from_affine(affine)
-        return case_rows(str(case), pred, label, spacing, self.classes, self.lesion_task, self.hd95_convention)
+        item = batch_item if isinstance(batch_item, Mapping) else {}
+        classes = list(range(1, int(item["num_classes"]))) if item.get("num_classes") else self.classes
+        rows = case_rows(str(case), pred, label, spacing, classes, self.lesion_task, self.hd95_convention)
+        if item.get("task") is not None:  # a multi-task network: the dataset (head) of the case
+            rows = [{"task": str(item["task"]), **r} for r in rows]
+        return rows
 
     def completed(self, engine: Any = None) -> None:
         if not self.rows:
             raise ValueError("The evaluator saw no case: the test list is empty.")
         self.summary = write_results(self.rows, self.output_dir, self.lesion_task, self.hd95_convention, self.info)
-        if len(self.classes) == 1:
+        if "per_task" in self.summary:
+            for task, s in self.summary["per_task"].items():
+                if "dice" in s:
+                    logger.info("Task %s: %d cases, DSC %.4f +- %.4f.", task, s["n_cases"], s["dice"]["mean"], s["dice"]["std"])
+        elif len(self.classes) == 1:
             s = self.summary
             logger.info(
                 "Evaluated %d cases: DSC %.4f +- %.4f, HD95 %s mm, ASSD %s mm (%s); %d empty predictions. Wrote %s.",

@@ -91,6 +91,7 @@ __all__ = [
     "to_device",
     "prepare_batch_fn",
     "prepare_batch_plain",
+    "TaskBatch",
     "default_sw_batch_size",
 ]
 
@@ -290,12 +291,35 @@ def prepare_batch_plain(batchdata: Any, device: Any = None, non_blocking: bool =
     return tuple(_plain_tensor(t) for t in out)
 
 
-def prepare_batch_fn(strip_meta: bool = False) -> Callable:
-    """The trainer's ``prepare_batch``: :func:`prepare_batch_plain` when ``strip_meta``, else MONAI's
-    ``default_prepare_batch`` (the plain path)."""
+class TaskBatch:
+    """A ``prepare_batch`` for a multi-task network (:class:`common.networks.MultiTaskFCN`): ``inner``'s image and
+    label, plus ``{"task": ...}`` as keyword arguments of the forward pass (MONAI's engines pass a prepared batch's
+    4th item to the inferer, and the inferer to the network): the batch's own ``task_key`` entry (training and
+    evaluation, each case names its dataset) or a fixed ``task`` (inference with one chosen head)."""
+
+    def __init__(self, inner: Callable, task_key: str | None = "task", task: Any = None) -> None:
+        self.inner = inner
+        self.task_key = task_key
+        self.task = task
+
+    def __call__(self, batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        image, label = self.inner(batchdata, device, non_blocking, **kwargs)[:2]
+        task = self.task
+        if task is None and self.task_key and isinstance(batchdata, Mapping):
+            task = batchdata.get(self.task_key)
+        if task is None:
+            raise ValueError(f"The batch names no task ('{self.task_key}'): a multi-task network needs one.")
+        return image, label, (), {"task": task}
+
+
+def prepare_batch_fn(strip_meta: bool = False, task_key: str | None = None, task: Any = None) -> Callable:
+    """The engines' ``prepare_batch``: :func:`prepare_batch_plain` when ``strip_meta``, else MONAI's
+    ``default_prepare_batch`` (the plain path); wrapped in :class:`TaskBatch` when ``task_key`` or ``task`` is given
+    (a multi-task network)."""
     from monai.engines.utils import default_prepare_batch
 
-    return prepare_batch_plain if strip_meta else default_prepare_batch
+    inner = prepare_batch_plain if strip_meta else default_prepare_batch
+    return TaskBatch(inner, task_key, task) if (task_key or task is not None) else inner
 
 
 def default_sw_batch_size(device: Any) -> int:

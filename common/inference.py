@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.data import NibabelWriter
@@ -118,7 +118,8 @@ def images_to_segment(source: str | Sequence[str], strict: bool = True, channels
       ``test`` images, or its ``training`` images when the test list is empty;
     * a datalist / dataset JSON file (its ``test`` cases, else its ``training`` cases), e.g. the
       ``datalist.json`` a training run writes;
-    * a list of image paths.
+    * a list of image paths;
+    * a dataset spec of the training configs (``{"dir": folder, ...}``): that folder.
 
     With ``strict=False`` a problem is logged and ``[]`` returned instead (the configs' ``dataset`` uses this,
     so that ``ConfigWorkflow(...).initialize(); check_properties()`` works on a bundle without data; their
@@ -139,7 +140,10 @@ def images_to_segment(source: str | Sequence[str], strict: bool = True, channels
         except DataError as err:
             logger.warning("No images to segment yet: %s", err)
             return []
-    if isinstance(source, str):
+    if isinstance(source, Mapping):  # a source spec of a training config ({"dir": ..., "label_map": ...})
+        if "dir" not in source:
+            raise DataError(f"Input {dict(source)!r} names no 'dir'.")
+        source = source["dir"]
         if not source:
             raise DataError(
                 "No input given: pass --dataset_dir <folder of NIfTI images> or --datalist <datalist JSON>."

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "DecoderLevel",
     "KarimiFCN",
     "VNet",
+    "MultiTaskFCN",
     "PROBE_NAMES",
     "he_truncated_normal_",
     "count_convs",
@@ -277,22 +279,28 @@ class KarimiFCN(ConvLayers, nn.Module):
             feats.append(level(x, feats))
         return feats
 
-    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Run the decoder and head on the encoder outputs; returns logits."""
+    def decode_features(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Run the decoder on the encoder outputs; returns the last decoder feature map ``(B, 2f, D, H, W)``."""
         x = feats[-1]
         n = len(feats)
         for i, level in enumerate(self.decoder):
             x = level(x, feats[n - 2 - i])
-        return self.head(x)
+        return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Run the decoder and head on the encoder outputs; returns logits."""
+        return self.head(self.decode_features(feats))
+
+    def encode_checked(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`encode` after the input checks, without autograd when the encoder is frozen."""
         self._check_input(x)
         if self.encoder_frozen:
             with torch.no_grad():
-                feats = self.encode(x)
-        else:
-            feats = self.encode(x)
-        return self.decode(feats)
+                return self.encode(x)
+        return self.encode(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode_checked(x))
 
     # ------------------------------------------------------------------ parameter groups
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
@@ -319,6 +327,81 @@ class KarimiFCN(ConvLayers, nn.Module):
     def probe_filters(self) -> "OrderedDict[str, nn.Conv3d]":
         """For each probe point, the last convolution producing it (for filter pictures, Figs. 8-9)."""
         return OrderedDict((name, mod.block2[1].conv) for name, mod in self.probe_modules().items())
+
+
+class MultiTaskFCN(KarimiFCN):
+    """The paper's multi-task network (Section III-F): one Fig. 1 body (encoder + decoder) shared by several
+    datasets, with one output head per dataset, each keeping its own labels.
+
+    The paper gives no design; this is the one a user would expect: the body of :class:`KarimiFCN` and, in place
+    of its head, a 3x3x3 convolution ``2f -> n_classes`` per task (``heads``, in a ``ModuleDict`` named
+    ``heads.<task>``). ``forward(x, task)`` runs the body once and the named task's head; every sample of a batch
+    must belong to that task (the bundles train with batch 1; their ``prepare_batch`` passes each batch's
+    ``task``). The section protocol counts all heads in the decoder section and the head keys; the probe layers
+    and filters are the body's, so the filter change is comparable with the single-task runs.
+
+    Args:
+        heads: task name -> output classes including background (e.g. ``{"liver_ct": 2, "kits": 3}``).
+        in_channels, features, levels, dropout: as for :class:`KarimiFCN`.
+        default_task: the head used when ``forward`` gets no task (inference tools that call ``network(x)``:
+            MONAI Label, ``verify_net_in_out``, the analyses); None: a task is required (unless there is one head).
+
+    Input ``(B, in_channels, D, H, W)`` and ``task`` (a name, an index into ``heads``, or a list of the same name
+    per sample); output logits ``(B, heads[task], D, H, W)``.
+    """
+
+    def __init__(
+        self, heads: "Mapping[str, int]", in_channels: int = 1, features: int = 14, levels: int = 4, dropout: float = 0.1,
+        default_task: str | None = None,
+    ) -> None:  # fmt: skip
+        if not heads:
+            raise ValueError("MultiTaskFCN needs at least one task in heads.")
+        if default_task is not None and str(default_task) not in {str(t) for t in heads}:
+            raise ValueError(f"default_task {default_task!r} is not one of the heads {list(heads)}.")
+        super().__init__(in_channels, max(int(n) for n in heads.values()), features, levels, dropout)
+        width = self.head.in_channels
+        del self.head
+        self.tasks = [str(t) for t in heads]
+        self.heads = nn.ModuleDict({str(t): nn.Conv3d(width, int(n), 3, padding=1, bias=True) for t, n in heads.items()})
+        self.heads.apply(he_truncated_normal_)
+        self.default_task = None if default_task is None else str(default_task)
+
+    def task_name(self, task: Any) -> str:
+        """The head name of ``task``: a name, an index, or a list/tuple naming one task for every sample."""
+        if isinstance(task, (list, tuple)):
+            names = {self.task_name(t) for t in task}
+            if len(names) != 1:
+                raise ValueError(f"A batch mixes the tasks {sorted(names)}: every sample must go to one head.")
+            return names.pop()
+        if isinstance(task, torch.Tensor):
+            task = task.flatten()[0].item() if task.numel() == 1 else [t.item() for t in task.flatten()]
+            return self.task_name(task)
+        if isinstance(task, int):
+            return self.tasks[task]
+        if task is None and (self.default_task or len(self.tasks) == 1):
+            return self.default_task or self.tasks[0]
+        if str(task) not in self.heads:
+            raise ValueError(f"Unknown task {task!r}; the network's heads are {self.tasks}.")
+        return str(task)
+
+    def forward(self, x: torch.Tensor, task: Any = None) -> torch.Tensor:  # type: ignore[override]
+        return self.heads[self.task_name(task)](self.decode_features(self.encode_checked(x)))
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the decoder section and every head."""
+        yield from self.decoder.parameters()
+        yield from self.heads.parameters()
+
+    def head_names(self) -> tuple[str, ...]:
+        """State-dict keys of every head."""
+        return tuple(k for k in self.state_dict() if k.startswith("heads."))
+
+    def last_layers(self, k: int = 2) -> list[nn.Module]:
+        """The heads and the last ``k - 1`` convolutions of the body."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        body = [m for n, m in self.conv_layers() if not n.startswith("heads.")]
+        return (body[-(k - 1):] if k > 1 else []) + list(self.heads.values())
 
 
 class VNet(ConvLayers, _MonaiVNet):

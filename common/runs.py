@@ -26,7 +26,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "RUN_INFO_FILE",
     "CONVERGENCE_TOLERANCE",
     "snapshot_name",
+    "run_dir",
     "is_not_rank0",
     "write_run_record",
     "read_history",
@@ -64,6 +65,15 @@ _SNAP_RE = re.compile(r"^epoch_(\d+)\.pt$")
 def snapshot_name(epoch: int) -> str:
     """File name of the snapshot of ``epoch`` (``epoch_0000.pt`` is the initialisation)."""
     return f"epoch_{int(epoch):04d}.pt"
+
+
+def run_dir(bundle_root: str, run_name: str, groups: Sequence[str] | str | None = None) -> str:
+    """The folder of a run: ``<bundle_root>/runs/<run_name>``, with ``_<group>`` appended for each group the run
+    is restricted to (``groups``: a list, or one group or a comma-separated string), e.g. ``runs/train_center5``,
+    so that the runs of one mode on different centres or age groups never share a folder."""
+    if isinstance(groups, str):
+        groups = [g.strip() for g in groups.split(",") if g.strip()]
+    return os.path.join(bundle_root, "runs", str(run_name) + "".join(f"_{g}" for g in (groups or [])))
 
 
 def is_not_rank0() -> bool:

@@ -104,22 +104,28 @@ class NormalizeModalityd(MapTransform):
 
     With ``check_finite`` (default) an image holding NaN or inf voxels is refused with a ``ValueError`` naming its
     file (from the MetaTensor's ``filename_or_obj``): the CT window would keep NaN (a silently wrong
-    segmentation) and the MR normalisation would fail without naming the file.
+    segmentation) and the MR normalisation would fail without naming the file. An item carrying its own
+    ``modality_key`` entry (a multi-task pool's case, :func:`common.data.make_datalist`) is normalised for that
+    modality; the entry is removed from the item.
     """
 
     def __init__(
-        self, keys: KeysCollection, modality: str, allow_missing_keys: bool = False, check_finite: bool = True
-    ) -> None:
+        self, keys: KeysCollection, modality: str, allow_missing_keys: bool = False, check_finite: bool = True,
+        modality_key: str = "modality",
+    ) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         self.normalizer = NormalizeModality(modality)
         self.check_finite = check_finite
+        self.modality_key = modality_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
+        own = d.pop(self.modality_key, None)  # a multi-task pool's case names its dataset's modality
+        normalizer = self.normalizer if own is None else NormalizeModality(own)
         for key in self.key_iterator(d):
             if self.check_finite:
                 _check_finite(d[key], key)
-            d[key] = self.normalizer(d[key])
+            d[key] = normalizer(d[key])
         return d
 
 

@@ -18,8 +18,9 @@ What is the same in every bundle is written once, in ``bundles/_template/``:
 
 What is specific to a bundle is its ``bundles/<name>/scenario.json``:
 
-* ``version`` and ``changelog``; ``labels`` (``{"0": "background", "1": "liver"}``: gives ``num_classes`` and
-  the metadata's classes); ``in_channels`` and ``channel_names`` (optional, default one ``image`` channel);
+* ``version`` and ``changelog``; ``labels`` (``{"0": "background", "1": "liver"}``: gives ``num_classes``, unless
+  ``params`` sets it, and the metadata's classes); ``in_channels`` and ``channel_names`` (optional, default one
+  ``image`` channel);
 * ``params``: ids set in every rendered config that has them (e.g. ``modality``, ``pixdim``, ``dataset_dir``);
   a param that no config has is an error (a typo would otherwise be silently ignored);
 * ``configs``: per config file, ids to set (MONAI id paths); a file name that is not a template makes an extra
@@ -132,7 +133,7 @@ def render_configs(
     """The bundle's config files (``configs/<name>`` -> content) rendered from the template and ``scenario``."""
     base = _load(os.path.join(template_dir, BASE_FILE))
     params = dict(scenario.get("params", {}))
-    params["num_classes"] = len(scenario["labels"])
+    params.setdefault("num_classes", len(scenario["labels"]))  # a multi-task scenario gives its largest head
     if "in_channels" in scenario:
         params["network_def#in_channels"] = int(scenario["in_channels"])
     overrides = dict(scenario.get("configs", {}))
