@@ -363,10 +363,16 @@ def split_cases(
     return pool, ordered[n_pool:] + sorted(fixed_test, key=lambda c: c["case"])
 
 
-def read_sources(dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+def read_sources(
+    dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]],
+    options: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
+) -> list[dict[str, Any]]:
     """The datasets a run reads, each as ``{"name", "dir", "label_map", "channel", "meta"}``.
 
-    ``dataset_dir`` is one Decathlon folder, or a pool: a list of folders and/or source specs
+    ``options`` (the bundles' ``dataset_options`` id) gives the settings of each dataset apart from its folder: a
+    dict for one dataset, or a list aligned with a list of folders, so that ``--dataset_dir`` can point at other
+    folders while the label maps and channels stay. ``dataset_dir`` is one Decathlon folder, or a pool: a list of
+    folders and/or source specs
     ``{"dir": folder, "name": optional, "label_map": {"source value": class, ...}, "channel": index or name,
     "task": head name, "modality": "CT" or "MR", "num_classes": classes}``. ``label_map`` maps every label value
     of that dataset to a class of the run (values it does not list are an error when the cases are checked);
@@ -378,9 +384,19 @@ def read_sources(dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[s
     specs = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike, Mapping)) else list(dataset_dir or [])
     if not specs:
         raise DataError("No dataset given: pass --dataset_dir <Decathlon folder> (or a list of them).")
+    if options is None:
+        opts: list[Mapping[str, Any] | None] = [None] * len(specs)
+    else:
+        opts = [options] if isinstance(options, Mapping) else list(options)
+        if len(opts) != len(specs):
+            raise DataError(
+                f"dataset_options has {len(opts)} entries for {len(specs)} dataset folder(s) {specs}: give one per folder "
+                f"(null for none), or --dataset_options null."
+            )
     sources = []
-    for spec in specs:
+    for spec, opt in zip(specs, opts):
         spec = {"dir": os.fspath(spec)} if isinstance(spec, (str, os.PathLike)) else dict(spec)
+        spec = {**dict(opt or {}), **spec}
         if "dir" not in spec:
             raise DataError(f"Source {spec!r} has no 'dir' (the Decathlon folder).")
         meta = read_decathlon(spec["dir"])
@@ -389,6 +405,10 @@ def read_sources(dataset_dir: str | Mapping[str, Any] | Sequence[str | Mapping[s
         if label_map is not None:
             label_map = {str(int(float(k))): int(v) for k, v in dict(label_map).items()}
         channel = spec.get("channel")
+        picked = meta.get("channel")  # a converter (tools/prepare_data.py msd --channel) already kept this one
+        if channel is not None and isinstance(picked, str) and str(channel).lower() == picked.lower():
+            logger.info("%s holds the %s channel only (picked when it was converted).", spec["dir"], picked)
+            channel = None
         if channel is not None and not isinstance(channel, int) and not str(channel).isdigit():
             names = {str(v).lower(): int(k) for k, v in (meta.get("modality") or {}).items()}
             if str(channel).lower() not in names:
@@ -425,6 +445,7 @@ def make_datalist(
     filename: str = "datalist.json",
     n_test: int | None = None,
     groups: Sequence[str] | str | None = None,
+    dataset_options: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """Read, check and split the run's data; write the datalist JSON to ``output_dir``.
 
@@ -445,6 +466,7 @@ def make_datalist(
         check: check every case before training (shape/affine/label values/NaN).
         n_test: test cases per stratum instead of ``test_fraction``.
         groups: the groups to keep (None: all; a string is one group, or comma-separated).
+        dataset_options: each dataset's settings apart from its folder (see :func:`read_sources`).
 
     Returns:
         ``{"training": [...], "validation": [...], "test": [...], "seed", "sources", "strata", ...}``; each case
@@ -457,7 +479,7 @@ def make_datalist(
     """
     if output_dir:
         check_output_dir(output_dir, "Run output folder")  # fail before the checks, not after them
-    sources = read_sources(dataset_dir)
+    sources = read_sources(dataset_dir, dataset_options)
     where = ", ".join(s["dir"] for s in sources)
     if isinstance(groups, str):
         groups = [g.strip() for g in groups.split(",") if g.strip()]
@@ -532,11 +554,36 @@ def make_datalist(
         "test": test,
     }
     if output_dir:
+        _check_same_run(output_dir, filename, datalist)
         path = write_json(os.path.join(output_dir, filename), datalist)
         logger.info(
             "Datalist %s: %d training, %d validation, %d test cases (seed %d).", path, len(train), len(val), len(test), seed
         )
     return datalist
+
+
+def _check_same_run(output_dir: str, filename: str, datalist: Mapping[str, Any]) -> None:
+    """Refuse to resume a run folder whose checkpoints were trained on other cases (another bundle's run of the same
+    name, another ``n_train``, seed or dataset): resuming would silently mix two runs."""
+    old_path = os.path.join(output_dir, filename)
+    trained = any(os.path.isfile(os.path.join(output_dir, f)) for f in ("checkpoint.pt", "checkpoint_final.pt"))
+    if not (trained and os.path.isfile(old_path)):
+        return
+    try:
+        old = load_datalist(old_path)
+    except DataError:
+        return  # an unreadable record: the checkpointer's own checks decide
+    for key in ("training", "validation", "test"):
+        before = [c.get("case") for c in old[key]]
+        now = [c.get("case") for c in datalist[key]]
+        if before != now:
+            raise DataError(
+                f"Run folder {output_dir} holds a run trained on other {key} cases ({len(before)} from "
+                f"{old.get('dataset_dir')}, n_train {old.get('n_train')}, seed {old.get('seed')}) than this command asks "
+                f"for ({len(now)} from {datalist.get('dataset_dir')}, n_train {datalist.get('n_train')}, seed "
+                f"{datalist.get('seed')}); resuming would mix two runs. Give this run another --run_name (or "
+                f"--bundle_root), or delete the folder to start it again."
+            )
 
 
 def load_datalist(path: str, require: Sequence[str] = ("training", "validation", "test")) -> dict[str, Any]:

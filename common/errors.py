@@ -20,10 +20,11 @@ __all__ = ["root_cause", "install_excepthook", "running_monai_bundle_cli"]
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of ``exc``'s chain (following ``__cause__``, else ``__context__``)."""
+    """The innermost exception of ``exc``'s chain, as Python's traceback follows it: ``__cause__`` (``raise ... from``),
+    else ``__context__`` unless the exception suppressed it (``raise ... from None``)."""
     seen = {id(exc)}
     while True:
-        nxt = exc.__cause__ or exc.__context__
+        nxt = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if nxt is None or id(nxt) in seen:
             return exc
         seen.add(id(nxt))

@@ -92,6 +92,7 @@ def load_test_cases(
     check: bool = True,
     n_test: int | None = None,
     groups: Sequence[str] | str | None = None,
+    dataset_options: Any = None,
 ) -> list[dict[str, str]]:
     """The labelled test cases to evaluate, ``[{"image", "label", "case"}, ...]``.
 
@@ -116,7 +117,7 @@ def load_test_cases(
         if not dataset_dir:
             raise DataError("No test cases: pass --datalist <datalist.json> or --dataset_dir <Decathlon folder>.")
         d = make_datalist(dataset_dir, None, seed=seed, test_fraction=test_fraction, num_classes=num_classes,
-                          check=False, n_test=n_test, groups=groups)  # fmt: skip
+                          check=False, n_test=n_test, groups=groups, dataset_options=dataset_options)  # fmt: skip
         cases, source = d["test"], f"{dataset_dir} (split rebuilt with seed {seed})"
         where = f" at {run_datalist}" if run_datalist else ""
         logger.info("No run datalist%s: rebuilt the test split from %s.", where, source)

@@ -4,7 +4,9 @@ its checker.
 
 In-house data stay where they are; a case list names them. Either a CSV with the columns
 ``image,label,group`` and optionally ``case``, or a JSON list of ``{"image", "label", "group"[, "case"]}``
-objects. Paths are relative to the list's folder, or absolute. ``group`` is the case's age group for
+objects, optionally with a ``split`` column (``test`` fixes a case to the test set of every run, ``train`` to the
+training side; empty: the seeded split decides). Paths are relative to the list's folder, or absolute. ``group``
+is the case's age group for
 ``--task cp`` (``younger``, ``older``) or its centre for ``--task tsc`` (``center1`` .. ``center5``);
 ``case`` defaults to the image's file name without ``.nii.gz``. Images and labels are NIfTI files
 (``.nii``/``.nii.gz``) on one voxel grid; labels hold class ids ``0 .. K-1``. Example (``cases.csv``)::
@@ -95,8 +97,10 @@ def _stem(path: str) -> str:
 
 
 def read_case_list(path: str) -> list[dict[str, str]]:
-    """Read a CSV or JSON case list; returns ``[{"case", "image", "label", "group"}]`` with absolute paths
-    (relative ones are taken from the list's folder).
+    """Read a CSV or JSON case list; returns ``[{"case", "image", "label", "group"[, "split"]}]`` with absolute
+    paths (relative ones are taken from the list's folder). The optional ``split`` column (``train`` / ``test`` /
+    empty) fixes a case to one side of every run's split (:func:`common.data.split_cases`), e.g. the scans the
+    paper kept for testing.
 
     Raises:
         DataError: missing/unreadable list, missing columns or keys, no case.
@@ -129,12 +133,18 @@ def read_case_list(path: str) -> list[dict[str, str]]:
             if not str(row.get(key) or "").strip():
                 raise DataError(f"{where}: no '{key}' path.")
         image, label = (os.path.normpath(os.path.join(base, str(row[k]).strip())) for k in ("image", "label"))
-        cases.append({
+        split = str(row.get("split") or "").strip().lower()
+        if split not in ("", "train", "test"):
+            raise DataError(f"{where}: split {row.get('split')!r}; use train, test or leave it empty.")
+        case = {
             "case": str(row.get("case") or "").strip() or _stem(image),
             "image": image,
             "label": label,
             "group": str(row.get("group") or "").strip(),
-        })
+        }
+        if split:
+            case["split"] = split
+        cases.append(case)
     if not cases:
         raise DataError(f"{path}: lists no case.")
     return cases
@@ -226,6 +236,8 @@ def prepare_inhouse(
     for k, c in enumerate(cases, 1):
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"image": c["image"], "label": c["label"], "case": c["case"], "group": c["group"]}
+        if c.get("split"):  # a case fixed to the test (or training) side, e.g. the paper's TSC test scans
+            entry["split"] = c["split"]
         if copy:
             prior = staged.done(c["case"])
             if prior is not None:

@@ -18,6 +18,8 @@ is the paper's convergence epoch (the first epoch whose validation DSC is within
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import json
 import logging
@@ -26,6 +28,7 @@ import os
 import platform
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +44,9 @@ __all__ = [
     "CONVERGENCE_TOLERANCE",
     "snapshot_name",
     "run_dir",
+    "RunFolderBusy",
+    "RunFolderLock",
+    "lock_run_folder",
     "is_not_rank0",
     "write_run_record",
     "read_history",
@@ -65,6 +71,158 @@ _SNAP_RE = re.compile(r"^epoch_(\d+)\.pt$")
 def snapshot_name(epoch: int) -> str:
     """File name of the snapshot of ``epoch`` (``epoch_0000.pt`` is the initialisation)."""
     return f"epoch_{int(epoch):04d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------- one writer
+LOCK_FILE = ".lock"
+#: A lock whose holder runs on another host is stale when its heartbeat is older than this (seconds).
+LOCK_STALE_AFTER = 600.0
+#: How often the holder refreshes the heartbeat (the lock file's mtime), in seconds.
+LOCK_HEARTBEAT = 30.0
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the folder (the message names it: host, PID, since when, command)."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (``/proc/<pid>/stat`` field 22, clock ticks since boot), to tell a live
+    holder from another process that got the same PID; None where ``/proc`` is absent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class RunFolderLock:
+    """One writer per folder: an exclusive lock file ``<folder>/.lock`` naming its holder.
+
+    :meth:`acquire` creates the file atomically (``O_CREAT | O_EXCL``) with the holder's host, PID, process start
+    time, start time and command line. When the file exists, the holder is checked: on the same host, a dead
+    process (or another process that reused the PID) makes the lock stale; on another host (a cluster node), a
+    heartbeat (the file's mtime, refreshed every :data:`LOCK_HEARTBEAT` seconds by a daemon thread) older than
+    ``stale_after`` does. A stale lock is taken over (renamed away, so only one contender wins) and the log says
+    so; a live one raises :class:`RunFolderBusy` at once. :meth:`release` removes the file if it is still ours; it
+    also runs at interpreter exit. A kill -9 leaves the file, which the next run finds stale.
+    """
+
+    def __init__(self, folder: str, stale_after: float = LOCK_STALE_AFTER, heartbeat: float = LOCK_HEARTBEAT,
+                 what: str = "Run folder") -> None:  # fmt: skip
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.stale_after = float(stale_after)
+        self.heartbeat = float(heartbeat)
+        self.what = what
+        self.token: str | None = None
+        self._stop = None
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError):
+            return {}  # being written, or unreadable: judged by its age only
+
+    def _stale(self, holder: Mapping[str, Any]) -> bool:
+        if holder.get("host") == platform.node() and holder.get("pid"):
+            if int(holder["pid"]) == os.getpid():
+                return True  # this very process (an earlier run of it that ended without releasing): re-entrant
+            return not _alive(int(holder["pid"]), holder.get("pid_start"))
+        try:
+            age = time.time() - os.path.getmtime(self.path)
+        except FileNotFoundError:
+            return True
+        return age > self.stale_after
+
+    def acquire(self) -> "RunFolderLock":
+        import uuid
+
+        os.makedirs(self.folder, exist_ok=True)
+        self.token = uuid.uuid4().hex
+        me = {"host": platform.node(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+              "since": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv, "token": self.token}  # fmt: skip
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                if not self._stale(holder):
+                    raise RunFolderBusy(
+                        f"{self.what} {self.folder} is in use by host {holder.get('host', '?')}, PID {holder.get('pid', '?')} "
+                        f"since {holder.get('since', '?')} (command: {' '.join(holder.get('argv') or [])[:300]}). "
+                        f"Two processes must not write one run folder: wait for it to finish, stop it, or give this run "
+                        f"another --run_name / --output_dir. (A lock left by a killed process is taken over automatically; "
+                        f"remove {self.path} by hand only if you are sure its holder is gone.)"
+                    ) from None
+                aside = f"{self.path}.stale.{os.getpid()}.{self.token[:8]}"
+                try:
+                    os.rename(self.path, aside)  # only one contender can move it away
+                except FileNotFoundError:
+                    continue
+                with contextlib.suppress(OSError):
+                    os.unlink(aside)
+                logger.warning(
+                    "%s %s: took over the stale lock of host %s, PID %s since %s (that process is gone).",
+                    self.what, self.folder, holder.get("host", "?"), holder.get("pid", "?"), holder.get("since", "?"),
+                )  # fmt: skip
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._start_heartbeat()
+            atexit.register(self.release)
+            return self
+        raise RunFolderBusy(f"{self.what} {self.folder}: could not take the lock {self.path} (contended).")
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat):
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        threading.Thread(target=beat, name=f"lock-heartbeat {self.folder}", daemon=True).start()
+        self._stop = stop
+
+    def release(self) -> None:
+        """Remove the lock file if this object still holds it."""
+        if self._stop is not None:
+            self._stop.set()
+        holder = self._holder() if self.token else None
+        if holder and holder.get("token") == self.token:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        self.token = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def lock_run_folder(folder: str, enabled: bool = True) -> RunFolderLock | None:
+    """Take the one-writer lock of a run folder for the rest of the process (see :class:`RunFolderLock`); the
+    bundles' training ``run`` does this first. ``enabled=False`` (the ranks > 0 of a multi-GPU run): nothing."""
+    return RunFolderLock(folder).acquire() if enabled else None
 
 
 def run_dir(bundle_root: str, run_name: str, groups: Sequence[str] | str | None = None) -> str:
