@@ -26,6 +26,7 @@ or scipy. One concept per module:
 ``analysis``        the paper's representation analyses
 ``figures``         their PNG figures
 ``synthetic``       synthetic phantoms standing in for every dataset
+``standins``        a bundle's synthetic stand-ins and the overrides that point it at them
 ``prepare``         converters of the public datasets to the Decathlon layout
 ``inhouse``         the checked layout of in-house data
 ``release``         which ``common`` a bundle runs with
@@ -61,6 +62,7 @@ _SUBMODULES = (
     "analysis",
     "figures",
     "synthetic",
+    "standins",
     "prepare",
     "inhouse",
     "release",

@@ -213,3 +213,69 @@ def test_a_failed_run_ends_with_its_reason(tmp_path):
     assert "The run stopped: common.data.DataError:" in tail[-1] or "The run stopped: DataError:" in tail[-1], tail
     assert bad in tail[-1] and "label values [7] are outside the declared classes 0..1" in tail[-1], tail
     assert "Failed to evaluate" not in tail[-1]
+
+
+# ---------------------------------------------------------------------------------------------- every bundle, end to end
+def _workflow(files: list[str], **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=files, workflow_type=None, **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_pretrain_finetune_evaluate_on_the_synthetic_stand_ins(name, tmp_path):
+    """Every bundle on its own synthetic stand-ins (its scenario's recipe: modality, channels, label maps, pools,
+    centres or age groups, tasks): one epoch of pretraining on the source, fine-tuning on the target, then the
+    test-split evaluation, with the bundle's own configs (a smaller network, blocks and voxels)."""
+    from common.standins import read_recipe, stand_in_overrides
+
+    bdir = os.path.join(BUNDLES_DIR, name)
+    recipe = read_recipe(bdir)
+    root = str(tmp_path / "data")
+    tiny = {"shape": (24, 24, 16), "spacing": (2.0, 2.0, 3.0)}  # the presets' anatomy, at the size of the tests
+    target = stand_in_overrides(recipe, "train.json", root, **tiny)
+    source = stand_in_overrides(recipe, "pretrain.json", root, **tiny) or target
+    small = {**SMALL_OVERRIDES, "pixdim": [2.0, 2.0, 2.0], "max_epochs": 1, "iterations_per_epoch": 2,
+             "bundle_root": str(tmp_path), "num_workers": 0}  # fmt: skip
+    train = json.loads(open(cfg(name, "train.json")[0]).read())
+    multitask = train["network_def"]["_target_"].endswith("MultiTaskFCN")
+    if multitask:  # every head must see a case: one epoch is every training case once
+        small["iterations_per_epoch"] = None
+        wf = _workflow(cfg(name, "train.json"), **small, **target)
+        out = wf.parser.get_parsed_content("output_dir")
+        init = torch.load(os.path.join(out, "snapshots", "epoch_0000.pt"), weights_only=True)
+        final = torch.load(os.path.join(out, "checkpoint_final.pt"), weights_only=True)["model"]
+        tasks = list(train["network_def"]["heads"])
+        for task in tasks:
+            key = f"heads.{task}.weight"
+            assert not torch.equal(init[key], final[key]), f"the head of {task} did not train"
+        _workflow(cfg(name, "train.json", "evaluate.json"), **small, **target)
+        summary = json.loads(open(os.path.join(out, "eval", "summary.json")).read())
+        datalist = json.loads(open(os.path.join(out, "datalist.json")).read())
+        assert sorted(summary["per_task"]) == sorted({c["task"] for c in datalist["test"]}) == sorted(tasks)
+        return
+    wf = _workflow(cfg(name, "train.json", "pretrain.json"), **small, **source)
+    src_dir = wf.parser.get_parsed_content("output_dir")
+    src_list = json.loads(open(os.path.join(src_dir, "datalist.json")).read())
+    want = source["dataset_dir"] if isinstance(source["dataset_dir"], list) else [source["dataset_dir"]]
+    assert [s["dir"] for s in src_list["sources"]] == [os.path.abspath(d) for d in want]
+    wf = _workflow(cfg(name, "train.json", "finetune.json"), **small, **target)
+    out = wf.parser.get_parsed_content("output_dir")
+    assert os.path.dirname(wf.parser.get_parsed_content("source_checkpoint")) == src_dir
+    init = torch.load(os.path.join(out, "snapshots", "epoch_0000.pt"), weights_only=True)
+    source_weights = torch.load(os.path.join(src_dir, "model.pt"), weights_only=True)
+    assert all(torch.equal(init[k], v) for k, v in source_weights.items()), "fine-tuning did not start from the source"
+    _workflow(cfg(name, "train.json", "finetune.json", "evaluate.json"), **small, **target)
+    summary = json.loads(open(os.path.join(out, "eval", "summary.json")).read())
+    datalist = json.loads(open(os.path.join(out, "datalist.json")).read())
+    assert summary["n_cases"] == len(datalist["test"]) > 0
+    groups = train.get("groups")
+    if groups:
+        assert {c["group"] for c in datalist["training"] + datalist["test"]} == set(groups)
+    lesion = json.loads(open(cfg(name, "evaluate.json")[0]).read())["lesion_task"]
+    assert ("f1" in summary) == bool(lesion)
