@@ -29,6 +29,8 @@ or scipy. One concept per module:
 ``standins``        a bundle's synthetic stand-ins and the overrides that point it at them
 ``prepare``         converters of the public datasets to the Decathlon layout
 ``inhouse``         the checked layout of in-house data
+``study``           the study runner: every run of a scenario, resumable, locally or on SLURM
+``report``          a study's tables, curves, analyses and findings
 ``release``         which ``common`` a bundle runs with
 ``errors``          a failed bundle run ends with its reason
 ==================  ===================================================================================
@@ -65,6 +67,8 @@ _SUBMODULES = (
     "standins",
     "prepare",
     "inhouse",
+    "study",
+    "report",
     "release",
     "errors",
 )

@@ -219,6 +219,8 @@ class TrainingCheckpointer:
         transforms: the training pipeline, whose random transforms' states are saved (see :class:`RNGState`).
         filename / final_filename: the rolling and the final checkpoint names.
         save_enabled: write checkpoints (False on the non-zero ranks of a multi-GPU run, which only load).
+        optional: names of ``save_dict`` that a checkpoint may lack (written before they were added); they are
+            left as they are, with a warning.
 
     A wrapped network (``DistributedDataParallel``/``DataParallel``) is saved and loaded as its ``module``,
     so the checkpoint keys are the same with one GPU or several.
@@ -234,6 +236,7 @@ class TrainingCheckpointer:
         filename: str = "checkpoint.pt",
         final_filename: str = "checkpoint_final.pt",
         save_enabled: bool = True,
+        optional: Sequence[str] = ("snapshots",),
     ) -> None:
         if interval < 1:
             raise ValueError(f"checkpoint interval must be >= 1 iteration, got {interval}.")
@@ -247,6 +250,7 @@ class TrainingCheckpointer:
         self.path = os.path.join(save_dir, filename)
         self.final_path = os.path.join(save_dir, final_filename)
         self.save_enabled = bool(save_enabled)
+        self.optional = tuple(optional)
         self.finished = False
         self.resumed_from: str | None = None
 
@@ -279,11 +283,15 @@ class TrainingCheckpointer:
             except Exception as err:  # an unreadable file is reported and skipped, never loaded half-way
                 logger.warning("Cannot read checkpoint %s (%s); trying an older one.", path, err)
                 continue
-            missing = [k for k in self.save_dict if k not in state]
+            missing = [k for k in self.save_dict if k not in state and k not in self.optional]
             if missing:
                 raise ValueError(f"Checkpoint {path} lacks {missing}: it was not written by this training config.")
+            for k in [k for k in self.optional if k in self.save_dict and k not in state]:
+                logger.warning("Checkpoint %s has no '%s' (written by an older version): it starts afresh.", path, k)
             prior_max_epochs = engine.state.max_epochs
             for k, obj in self.save_dict.items():
+                if k not in state:
+                    continue
                 try:
                     unwrap(obj).load_state_dict(state[k])
                 except Exception as err:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import torch
@@ -243,10 +244,14 @@ class SnapshotSaver:
       loaded, before the trainer runs);
     * ``epoch_XXXX.pt``: the weights at the end of epoch ``XXXX`` (``Events.EPOCH_COMPLETED``, every
       ``interval`` epochs, and always the last epoch);
-    * ``history.json``: ``{"metric_name", "interval", "entries": [{"epoch", "iteration", "val_dice",
-      "file"}, ...]}``, one entry per snapshot; ``val_dice`` is ``evaluator.state.metrics[metric_name]``
-      of the validation run of that epoch (``null`` for the initialisation and for epochs without a
-      validation run).
+    * ``history.json``: ``{"metric_name", "interval", "entries": [{"epoch", "iteration", "train_seconds",
+      "val_seconds", "val_dice", "file"}, ...]}``, one entry per snapshot; ``val_dice`` is
+      ``evaluator.state.metrics[metric_name]`` of the validation run of that epoch (``null`` for the
+      initialisation and for epochs without a validation run). ``train_seconds`` is the wall-clock time spent
+      in training iterations to reach the snapshot (from each iteration's start to its end: data loading of the
+      step, forward, backward, optimiser), with the validation runs, snapshots and checkpoints kept out of it;
+      ``val_seconds`` is the time spent validating so far, reported separately (the paper's Figs. 2, 4, 11
+      plot accuracy against training time).
 
     Each file is a plain CPU state dict (loadable by ``common.transfer.load_source_weights``), written
     atomically (temporary file + ``os.replace``).
@@ -259,7 +264,8 @@ class SnapshotSaver:
     the evaluator ran for that very epoch.
 
     Resuming: an existing ``history.json`` is read back and extended; the initialisation snapshot is only
-    written when training starts at epoch 0 (or when it is missing).
+    written when training starts at epoch 0 (or when it is missing). The two clocks are part of the training
+    checkpoint (:meth:`state_dict`), so a resumed run continues them where the checkpoint left them.
     With ``torch.distributed`` initialised only rank 0 writes. ``enabled=False`` makes ``attach`` a no-op
     (the bundles' ``save_snapshots`` switch).
 
@@ -292,6 +298,10 @@ class SnapshotSaver:
         self.metric_name = metric_name
         self.enabled = bool(enabled)
         self.entries: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.val_seconds = 0.0
+        self._t_iter: float | None = None
+        self._t_val: float | None = None
 
     # ------------------------------------------------------------------ ignite
     def attach(self, engine: Any) -> None:
@@ -301,9 +311,32 @@ class SnapshotSaver:
             logger.info("SnapshotSaver disabled: no weight snapshots are saved.")
             return
         engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.STARTED, self._validation_started)
             self.evaluator.add_event_handler(Events.COMPLETED, self.validation_completed)
+
+    # ------------------------------------------------------------------ clocks
+    def _iteration_started(self, engine: Any = None) -> None:
+        self._t_iter = time.perf_counter()
+
+    def _iteration_completed(self, engine: Any = None) -> None:
+        if self._t_iter is not None:
+            self.train_seconds += time.perf_counter() - self._t_iter
+            self._t_iter = None
+
+    def _validation_started(self, evaluator: Any = None) -> None:
+        self._t_val = time.perf_counter()
+
+    def state_dict(self) -> dict[str, float]:
+        """The training and validation clocks (seconds), for the training checkpoint."""
+        return {"train_seconds": float(self.train_seconds), "val_seconds": float(self.val_seconds)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.val_seconds = float(state.get("val_seconds", 0.0))
 
     def _is_writer(self) -> bool:
         return not is_not_rank0()
@@ -338,6 +371,9 @@ class SnapshotSaver:
             self._save(engine, epoch)
 
     def validation_completed(self, evaluator: Any) -> None:
+        if self._t_val is not None:
+            self.val_seconds += time.perf_counter() - self._t_val
+            self._t_val = None
         if not self._is_writer():
             return
         epoch = int(getattr(evaluator.state, "epoch", -1))
@@ -355,6 +391,8 @@ class SnapshotSaver:
         entry = {
             "epoch": epoch,
             "iteration": int(engine.state.iteration),
+            "train_seconds": round(self.train_seconds, 3),
+            "val_seconds": round(self.val_seconds, 3),
             "val_dice": self._metric(epoch) if epoch > 0 else None,
             "file": name,
         }

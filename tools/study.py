@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
+"""Run a study of one scenario bundle: the paper's tables, curves, analyses and findings, resumable.
+
+Examples::
+
+    # the paper's settings on a GPU, real data (the bundle's defaults), 3 seeds, two training-set sizes
+    python tools/study.py run --bundle liver_ct_from_liver_mri --out studies/liver --n_train 15 6 --seeds 0 1 2 \\
+        --target dataset_dir=data/Liver-CT --source "dataset_dir=['data/Liver-MRI-SPIR','data/Liver-MRI-DUAL-in','data/Liver-MRI-DUAL-out']"
+    # a quick study on the bundle's synthetic stand-ins (minutes on a CPU)
+    python tools/study.py run --bundle liver_ct_from_liver_mri --out studies/quick --quick --synthetic
+    # on a SLURM cluster: every run a job with one GPU
+    python tools/study.py run --bundle tsc_from_brats --out studies/tsc --executor slurm --partition gpu --gpus 1 --time 720
+
+The same command started again continues a stopped study (finished runs are not redone). See common/study.py
+and common/report.py; the report is <out>/report/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+#: ``--quick``: the paper's network, small blocks and few iterations, so that a study of three modes and two seeds
+#: ends in minutes on a 2-core CPU. Measured in docs/benchmarks.md ("Quick study").
+QUICK = {
+    "block_size": [32, 32, 32],
+    "pixdim": [3.0, 3.0, 3.0],
+    "iterations_per_epoch": 25,
+    "max_epochs": 6,
+    "val_interval": 1,
+    "checkpoint_interval": 25,
+    "n_val": 1,
+}
+QUICK_PRETRAIN = {"max_epochs": 8}
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _pairs(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = _value(value.strip())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run or resume a study")
+    r.add_argument("--bundle", required=True, help="a bundle name in bundles/ or a bundle folder")
+    r.add_argument("--out", required=True, help="the study folder (created; the same folder resumes)")
+    r.add_argument("--n_train", nargs="+", default=None, help="training-set sizes (default: all); 'all' for every case")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (default: 0 1)")
+    r.add_argument("--modes", nargs="+", default=["ri", "tl", "frozen"],
+                   help="ri tl frozen last_k encoder decoder (default: ri tl frozen)")  # fmt: skip
+    r.add_argument("--set", dest="overrides", action="append", metavar="ID=VALUE", help="a config override for every run")
+    r.add_argument("--target", action="append", metavar="ID=VALUE", help="an override of the target runs (e.g. dataset_dir=...)")
+    r.add_argument("--source", action="append", metavar="ID=VALUE", help="an override of the source (pretrain) run")
+    r.add_argument("--source_checkpoint", help="a source model to fine-tune instead of pretraining one")
+    r.add_argument("--quick", action="store_true", help="small blocks, few iterations (a CPU study in minutes)")
+    r.add_argument("--synthetic", action="store_true", help="the bundle's synthetic stand-ins instead of its data folders")
+    r.add_argument("--analyses", default="all", help="all, none, or a comma-separated list of common.analysis.ANALYSES")
+    r.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local")
+    r.add_argument("--partition", help="SLURM partition")
+    r.add_argument("--gpus", type=int, default=1, help="GPUs per SLURM job (default 1)")
+    r.add_argument("--time", type=int, default=24 * 60, help="SLURM time limit per job in minutes")
+    r.add_argument("--cpus", type=int, default=8, help="CPUs per SLURM job")
+    r.add_argument("--mem_gb", type=int, default=64, help="memory per SLURM job (GB)")
+    args = p.parse_args(argv)
+
+    from common.study import StudySettings, run_study
+
+    bundle = args.bundle if os.path.isdir(args.bundle) else os.path.join(REPO_ROOT, "bundles", args.bundle)
+    if not os.path.isfile(os.path.join(bundle, "configs", "train.json")):
+        raise SystemExit(f"error: {bundle} is not a bundle (no configs/train.json)")
+    overrides = {**(QUICK if args.quick else {}), **_pairs(args.overrides)}
+    target, source = _pairs(args.target), _pairs(args.source)
+    pretrain_overrides = dict(QUICK_PRETRAIN) if args.quick else {}
+    description = "A quick study (--quick): small blocks and few iterations on a CPU; not the paper's settings." if args.quick else ""
+    if args.synthetic:
+        from common.standins import read_recipe, stand_in_overrides
+
+        recipe = read_recipe(bundle)
+        data = os.path.join(os.path.abspath(args.out), "data")
+        target = {**stand_in_overrides(recipe, "train.json", data), **target}
+        source = {**(stand_in_overrides(recipe, "pretrain.json", data) or stand_in_overrides(recipe, "train.json", data)), **source}
+        description += " Data: the bundle's synthetic stand-ins (common.standins)."
+    sizes = [None if str(n) == "all" else int(n) for n in (args.n_train or ["all"])]
+    settings = StudySettings(
+        bundle_dir=os.path.abspath(bundle), out_dir=os.path.abspath(args.out), n_train=sizes, seeds=args.seeds,
+        modes=args.modes, overrides=overrides, target=target, source=source, pretrain_overrides=pretrain_overrides,
+        source_checkpoint=args.source_checkpoint, analyses=[] if args.analyses == "none" else args.analyses,
+        description=description.strip(),
+    )  # fmt: skip
+    slurm = {"partition": args.partition, "gpus": args.gpus, "timeout_min": args.time, "cpus": args.cpus, "mem_gb": args.mem_gb}
+    state = run_study(settings, executor=args.executor, slurm=slurm)
+    print(f"Report: {state.get('report')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
