@@ -8,7 +8,7 @@ DEMO_DIR ?= demo
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	@$(PYTHON) -c "import common, monai, nibabel, ignite, pytest, matplotlib, onnx, onnxruntime, mlflow" 2>/dev/null \
+	@$(PYTHON) -c "import common, monai, nibabel, ignite, pytest, matplotlib, onnx, onnxruntime, mlflow, submitit" 2>/dev/null \
 	  && $(PYTHON) -c "import common, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(common.__file__), 'common') else 1)" 2>/dev/null \
 	  || $(PYTHON) -m pip install -e ".[test]"
 
