@@ -221,6 +221,9 @@ class TrainingCheckpointer:
         save_enabled: write checkpoints (False on the non-zero ranks of a multi-GPU run, which only load).
         optional: names of ``save_dict`` that a checkpoint may lack (written before they were added); they are
             left as they are, with a warning.
+        handlers: the trainer's handlers (``train#handlers``); every one with a ``checkpoint_key`` attribute (the
+            learning-rate decay, the snapshot clocks) is saved and restored under that key, so the configs need no
+            reference into the handler list (MONAI Label inserts handlers there).
 
     A wrapped network (``DistributedDataParallel``/``DataParallel``) is saved and loaded as its ``module``,
     so the checkpoint keys are the same with one GPU or several.
@@ -237,6 +240,7 @@ class TrainingCheckpointer:
         final_filename: str = "checkpoint_final.pt",
         save_enabled: bool = True,
         optional: Sequence[str] = ("snapshots",),
+        handlers: Sequence[Any] = (),
     ) -> None:
         if interval < 1:
             raise ValueError(f"checkpoint interval must be >= 1 iteration, got {interval}.")
@@ -244,6 +248,12 @@ class TrainingCheckpointer:
             raise ValueError("save_dict needs the trainer engine under 'trainer' to resume its counters.")
         self.save_dir = save_dir
         self.save_dict = dict(save_dict)
+        for h in handlers or ():
+            key = getattr(h, "checkpoint_key", None)
+            if key:
+                if key in self.save_dict and self.save_dict[key] is not h:
+                    raise ValueError(f"Two objects to checkpoint under '{key}': rename one handler's checkpoint_key.")
+                self.save_dict[key] = h
         self.save_dict.setdefault("rng", RNGState(transforms))
         self.interval = int(interval)
         self.resume = bool(resume)

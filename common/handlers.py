@@ -118,10 +118,14 @@ class PlateauDecay:
         output_transform: maps ``engine.state.output`` to the loss (MONAI trainers: ``output[0]["loss"]``
             for a list output, ``output["loss"]`` for a dict).
 
-    Attach with ``handler.attach(trainer)``; the bundles list it in ``train#handlers``.
+    Attach with ``handler.attach(trainer)``; the bundles list it in ``train#handlers``. Its state is saved in the
+    training checkpoint under :attr:`checkpoint_key` (``common.checkpoints.TrainingCheckpointer`` collects it).
     The learning rate is written to ``engine.state.metrics["lr"]`` every iteration so the stats and
     TensorBoard handlers log it, and each decay is logged.
     """
+
+    #: The key of this handler's state in the training checkpoint.
+    checkpoint_key = "lr_decay"
 
     def __init__(
         self,
@@ -277,6 +281,9 @@ class SnapshotSaver:
         metric_name: the evaluator's key metric (the bundles': ``val_mean_dice``).
         enabled: False to disable the handler.
     """
+
+    #: The key of this handler's clocks in the training checkpoint.
+    checkpoint_key = "snapshots"
 
     def __init__(
         self,

@@ -144,6 +144,7 @@ def images_to_segment(source: str | Sequence[str], strict: bool = True, channels
         if "dir" not in source:
             raise DataError(f"Input {dict(source)!r} names no 'dir'.")
         source = source["dir"]
+    if isinstance(source, str):
         if not source:
             raise DataError(
                 "No input given: pass --dataset_dir <folder of NIfTI images> or --datalist <datalist JSON>."

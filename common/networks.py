@@ -25,13 +25,21 @@ The FCN is written after the authors' published TensorFlow network (``davood_net
   truncated at +-2 std as in the authors' code; biases 0.001. Plain (untruncated) He init makes the
   untrained logits large enough to saturate the softmax; see ``tests/test_networks.py``.
 
-Probe points (the six layers the paper analyses, Fig. 1): ``encoder-1..3`` are the outputs of encoder
-levels 0, 1, 2 and ``decoder-1..3`` the outputs of decoder levels 2, 1, 0 (deepest first), so that
-``encoder-3`` and ``decoder-1`` are the two most intermediate layers, as in the paper's Table VII.
+Probe points (the six layers the paper analyses, Fig. 1): ``encoder-1..3`` are encoder levels 0, 1, 2 and
+``decoder-1..3`` decoder levels 2, 1, 0 (deepest first), so that ``encoder-3`` and ``decoder-1`` are the two most
+intermediate layers, as in the paper's Table VII. The paper "recorded the values of the convolutional layer
+neurons" at the six marked convolutional layers, so the default probe (``kind="conv"``) of each point is the last
+convolution of that level, ``<level>.residual.block2[1].conv`` (the ``nn.Conv3d`` of the last ``ConvUnit`` before
+the residual addition): its recorded output is the convolution plus bias, **before** the in-place ReLU (a
+recorder must copy it in the hook, as :mod:`common.capture` does, or the ReLU overwrites it) and before the
+residual sum. ``kind="residual"`` gives the level's output instead, the residual sum ``x2 = block2(x1) + x1 + x0``
+of post-ReLU block outputs and the identity paths. :meth:`KarimiFCN.probe_filters` returns the same convolutions
+as ``kind="conv"``, so the filter pictures show the filters whose outputs the RSIM analyses compare.
 
 The section protocol. Every network here has ``encoder_parameters()``, ``decoder_parameters()`` (the head
 included), ``last_layers(k)``, ``head_names()`` (state-dict keys that depend on the class count),
-``probe_modules()`` / ``probe_filters()`` (the six analysed layers and the convolutions producing them),
+``probe_modules(kind)`` / ``probe_filters()`` (the six analysed layers, as their last convolutions or their
+residual outputs, and those convolutions),
 ``divisor`` (every spatial input size must be divisible by it) and ``encoder_frozen`` (the encoder runs
 without autograd). :mod:`common.transfer` and :mod:`common.capture` only use this protocol, so the
 networks' own knowledge stays in this module. :class:`VNet` gives MONAI's V-Net the same protocol.
@@ -317,16 +325,30 @@ class KarimiFCN(ConvLayers, nn.Module):
         return ("head.weight", "head.bias")
 
     # ------------------------------------------------------------------ probe points
-    def probe_modules(self) -> "OrderedDict[str, nn.Module]":
-        """The paper's six analysed layers: name -> module whose output is the representation."""
+    def _probe_levels(self) -> "OrderedDict[str, ResidualPair]":
         enc = [self.encoder[i].residual for i in range(min(3, self.levels - 1))]
         dec = [self.decoder[i].residual for i in range(min(3, len(self.decoder)))]
         named = [(f"encoder-{i + 1}", m) for i, m in enumerate(enc)] + [(f"decoder-{i + 1}", m) for i, m in enumerate(dec)]
         return OrderedDict(named)
 
+    def probe_modules(self, kind: str = "conv") -> "OrderedDict[str, nn.Module]":
+        """The paper's six analysed layers: name -> the module whose forward output is the representation.
+
+        ``kind="conv"`` (default): the last convolution of each probed level, ``<level>.residual.block2[1].conv``
+        (output ``(B, C, ...)``: convolution + bias, before the in-place ReLU and the residual addition);
+        ``kind="residual"``: the level's :class:`ResidualPair` (output: the residual sum ``x2``).
+        """
+        levels = self._probe_levels()
+        if kind == "conv":
+            return OrderedDict((name, mod.block2[1].conv) for name, mod in levels.items())
+        if kind == "residual":
+            return levels
+        raise ValueError(f"Unknown probe kind {kind!r}: use 'conv' or 'residual'.")
+
     def probe_filters(self) -> "OrderedDict[str, nn.Conv3d]":
-        """For each probe point, the last convolution producing it (for filter pictures, Figs. 8-9)."""
-        return OrderedDict((name, mod.block2[1].conv) for name, mod in self.probe_modules().items())
+        """For each probe point, the last convolution of its level (for filter pictures, Figs. 8-9, and the filter
+        change): the modules of ``probe_modules("conv")``."""
+        return self.probe_modules("conv")  # type: ignore[return-value]
 
 
 class MultiTaskFCN(KarimiFCN):
@@ -421,7 +443,11 @@ class VNet(ConvLayers, _MonaiVNet):
     Sections: the encoder is ``in_tr`` and the ``down_tr*`` stages, the decoder the ``up_tr*`` stages and the
     head ``out_tr``. Probe points: ``encoder-1..3`` = ``in_tr``, ``down_tr32``, ``down_tr64`` (full, 1/2, 1/4
     resolution) and ``decoder-1..3`` = ``up_tr128``, ``up_tr64``, ``up_tr32`` (1/4, 1/2, full), the same
-    resolution pattern as the FCN's. Input ``(B, in_channels, D, H, W)`` with each size divisible by 16.
+    resolution pattern as the FCN's. As for the FCN, the default probe (``kind="conv"``) of a stage is its last
+    convolution, the ``nn.Conv3d`` of the last ``LUConv`` (``<stage>.ops[-1].conv_block.conv``; ``in_tr`` has one,
+    ``in_tr.conv_block.conv``): convolution output before the batch normalisation, the in-place ELU and the
+    residual addition. ``kind="residual"`` gives the stage modules (their output: ELU of the residual sum).
+    Input ``(B, in_channels, D, H, W)`` with each size divisible by 16.
     """
 
     ENCODER = ("in_tr", "down_tr32", "down_tr64", "down_tr128", "down_tr256")
@@ -480,16 +506,23 @@ class VNet(ConvLayers, _MonaiVNet):
         """State-dict keys of the head ``out_tr`` (its convolutions and normalisation depend on the class count)."""
         return tuple(k for k in self.state_dict() if k.startswith("out_tr."))
 
-    def probe_modules(self) -> "OrderedDict[str, nn.Module]":
-        """The six analysed stages (see the class docstring)."""
-        return OrderedDict((p, getattr(self, m)) for p, m in self.PROBES)
+    def probe_modules(self, kind: str = "conv") -> "OrderedDict[str, nn.Module]":
+        """The six analysed layers (see the class docstring): ``kind="conv"`` (default) the last convolution of
+        each stage, ``kind="residual"`` the stage modules."""
+        stages = OrderedDict((p, getattr(self, m)) for p, m in self.PROBES)
+        if kind == "residual":
+            return stages
+        if kind != "conv":
+            raise ValueError(f"Unknown probe kind {kind!r}: use 'conv' or 'residual'.")
+        out = OrderedDict()
+        for p, mod in stages.items():  # the last LUConv's conv (in_tr: its only conv), never the up/down conv
+            block = mod.ops[-1].conv_block if hasattr(mod, "ops") and len(mod.ops) else mod.conv_block
+            out[p] = block.conv
+        return out
 
     def probe_filters(self) -> "OrderedDict[str, nn.Module]":
-        """For each probe stage, its last convolution (for the filter pictures)."""
-        out = OrderedDict()
-        for p, mod in self.probe_modules().items():
-            out[p] = [m for m in mod.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))][-1]
-        return out
+        """For each probe stage, its last convolution (for the filter pictures): ``probe_modules("conv")``."""
+        return self.probe_modules("conv")
 
 
 def count_convs(module: nn.Module) -> int:

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Helpers shared by the ecosystem tests (packaging, export, multi-GPU, tracking, MONAI Label).
 
 Everything runs on the CPU with tiny volumes: synthetic 24x24x16 liver-CT phantoms, the paper's FCN at
@@ -63,7 +64,10 @@ def copy_bundle(dst: str, name: str = FIRST_BUNDLE) -> str:
 
 
 def run(cmd: Sequence[str], cwd: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``cmd``; with ``check`` a non-zero exit fails the test with the output tails."""
+    """Run ``cmd``; with ``check`` a non-zero exit fails the test with the output tails. Torch and OpenMP use one
+    thread unless ``env`` says otherwise (tiny networks: more threads only spin on a shared machine)."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -9,8 +9,10 @@ cases with the messages they get.
 Most cases call the functions the configs call (``common.data.make_datalist`` for ``train.json``,
 ``common.inference.images_to_segment`` and the preprocessing of ``inference.json``,
 ``common.evaluation.load_test_cases`` for ``evaluate.json``, ``common.inference.check_checkpoint``,
-``common.transfer.load_source_weights``); a representative subset runs the bundle as a user does,
-``python -m monai.bundle run`` in a subprocess. Volumes are 16 x 16 x 8 voxels, networks have 4 features.
+``common.transfer.load_source_weights``); whole config runs go in-process (``monai.bundle.ConfigWorkflow``, the
+error read from the exception chain), and a representative subset runs the bundle as a user does,
+``python -m monai.bundle run`` in a subprocess (the error in the output). Volumes are 16 x 16 x 8 voxels, networks
+have 4 features.
 
 A non-writable output folder: the tests run as root, and root ignores permission bits (``chmod 0500`` does
 not stop it), so the output folder is put below a regular FILE (``<tmp>/afile/sub``): creating it fails with
@@ -20,6 +22,7 @@ raises ``OSError(ENOSPC)``, as ``write(2)`` does on a full file system.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -147,6 +150,40 @@ def run_bundle(configs: list[str], cwd, *args: str) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, env=env, timeout=600)
 
 
+SMALL_OVERRIDES = {"network_def#features": 4, "block_size": [16, 16, 16]}
+
+
+def run_in_process(configs: list[str], **overrides) -> None:
+    """The configs run as ``python -m monai.bundle run`` runs them, in this process (``ConfigWorkflow``)."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=[os.path.join(CONFIGS, c) for c in configs], meta_file=META, workflow_type=None,
+                        logging_file=False, **{**SMALL_OVERRIDES, **overrides})  # fmt: skip
+    wf.initialize()
+    try:
+        wf.run()
+    finally:
+        with contextlib.suppress(Exception):
+            wf.finalize()
+
+
+def fails_in_process(caplog, configs: list[str], *texts: str, **overrides) -> str:
+    """Run in-process; it must fail with every text of ``texts`` in the exception chain before any engine (trainer
+    or evaluator) started: ignite logs "Engine run starting/resuming ..." to a logger that propagates, unlike MONAI's
+    StatsHandler lines. Returns the chain's text."""
+    with caplog.at_level(logging.INFO), pytest.raises(Exception) as err:
+        run_in_process(configs, **overrides)
+    chain, exc = [], err.value
+    while exc is not None:  # MONAI wraps the reason in RuntimeErrors; it is in the chain with its type
+        chain.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    text = "\n".join(chain)
+    for t in texts:
+        assert t in text, f"{t!r} not in the error:\n{text[-3000:]}"
+    assert "Engine run" not in caplog.text
+    return text
+
+
 def failed_with(proc: subprocess.CompletedProcess, *texts: str) -> str:
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, f"the run should have failed:\n{log[-3000:]}"
@@ -257,47 +294,40 @@ def test_train_run_refuses_corrupt_image(template, tmp_path):
     assert not leftovers(tmp_path)
 
 
-def test_train_run_with_all_background_label(template, tmp_path):
-    """Subprocess: an all-background training label is allowed; the run logs and counts it and trains."""
+def test_train_run_with_all_background_label(template, tmp_path, caplog):
+    """An all-background training label is allowed; the run logs and counts it and trains."""
     d = copy_dataset(template, tmp_path / "ds")
     train_case = make_datalist(d, None)["training"][0]
     spoil(train_case["label"], "all_background")
-    proc = run_bundle(
-        ["train.json"], tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", d, *SMALL,
-        "--iterations_per_epoch", "1", "--train#trainer#max_epochs", "1",
-    )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    with caplog.at_level(logging.INFO):
+        run_in_process(["train.json"], bundle_root=str(tmp_path), dataset_dir=d, iterations_per_epoch=1, max_epochs=1)
+    log = caplog.text
     assert f"{train_case['label']}: the label is all background." in log
     assert "1 of 4 labels are all background." in log
+    final = torch.load(tmp_path / "runs" / "train" / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+    assert final["trainer"]["iteration"] == 1  # it trained
+    assert "Engine run resuming from iteration 0" in log  # ignite's line that fails_in_process must not find
     saved = json.loads((tmp_path / "runs" / "train" / "datalist.json").read_text())
     assert saved["checks"] == {"n_cases": 4, "n_all_background": 1}
     assert not leftovers(tmp_path / "runs")
 
 
-def test_finetune_run_refuses_unreadable_source(template, tmp_path):
+def test_finetune_run_refuses_unreadable_source(template, tmp_path, caplog):
     d = copy_dataset(template, tmp_path / "ds")
     junk = tmp_path / "source.pt"
     junk.write_bytes(np.random.default_rng(2).bytes(2000))
-    proc = run_bundle(
-        ["train.json", "finetune.json"], tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", d, *SMALL,
-        "--source_checkpoint", str(junk),
-    )  # fmt: skip
-    log = failed_with(proc, f"Cannot read source checkpoint {junk}")
-    assert "Iter:" not in log
+    fails_in_process(caplog, ["train.json", "finetune.json"], f"Cannot read source checkpoint {junk}",
+                     bundle_root=str(tmp_path), dataset_dir=d, source_checkpoint=str(junk))  # fmt: skip
+    assert not (tmp_path / "runs" / "finetune" / "checkpoint.pt").exists()
 
 
-def test_train_run_refuses_output_under_a_file(template, tmp_path):
-    """Subprocess: the run folder cannot be created (its parent is a file; this stops root too)."""
+def test_train_run_refuses_output_under_a_file(template, tmp_path, caplog):
+    """The run folder cannot be created (its parent is a file; this stops root too)."""
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
     out = blocker / "sub"
-    proc = run_bundle(
-        ["train.json"], tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", template, *SMALL,
-        "--output_dir", str(out),
-    )  # fmt: skip
-    log = failed_with(proc, str(out), "Not a directory")
-    assert "Iter:" not in log
+    fails_in_process(caplog, ["train.json"], str(out), "Not a directory", bundle_root=str(tmp_path),
+                     dataset_dir=template, output_dir=str(out))  # fmt: skip
     assert blocker.read_text() == "not a folder"
 
 
@@ -336,7 +366,7 @@ def test_inference_preprocessing_refuses_nan_and_inf(template, tmp_path):
 
 def test_inference_empty_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"empty holds no images"):
+    with pytest.raises(DataError, match=r"empty holds no images: expected .nii or .nii.gz files"):
         images_to_segment(str(tmp_path / "empty"))
     hidden = tmp_path / "hidden"
     hidden.mkdir()
@@ -385,19 +415,17 @@ def test_checkpoint_missing_unreadable_foreign_or_other_class_count(tmp_path):
         assert len(check) == 1 and len(engine) == 1 and check[0] < engine[0], (name, run)
 
 
-def test_inference_run_refuses_truncated_image(template, small_ckpt, tmp_path):
-    """Subprocess: one truncated image among good ones: the run stops before segmenting any, naming it."""
+def test_inference_run_refuses_truncated_image(template, small_ckpt, tmp_path, caplog):
+    """One truncated image among good ones: the run stops before segmenting any, naming it."""
     images = tmp_path / "images"
     images.mkdir()
     for name in ("case_000.nii.gz", "case_001.nii.gz", "case_002.nii.gz"):
         shutil.copy(os.path.join(template, "imagesTr", name), images / name)
     bad = spoil(str(images / "case_001.nii.gz"), "truncated")
     out = tmp_path / "pred"
-    proc = run_bundle(
-        ["inference.json"], tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", str(images),
-        "--ckpt_path", small_ckpt, "--output_dir", str(out), *SMALL,
-    )  # fmt: skip
-    failed_with(proc, "DataError", f"{bad}: the file is truncated or corrupt")
+    fails_in_process(caplog, ["inference.json"], "DataError", f"{bad}: the file is truncated or corrupt",
+                     bundle_root=str(tmp_path), dataset_dir=str(images), ckpt_path=small_ckpt,
+                     output_dir=str(out))  # fmt: skip
     assert not out.exists() and not leftovers(tmp_path)
 
 
@@ -420,33 +448,28 @@ def test_inference_run_stops_at_nan_image_leaving_whole_files(template, small_ck
     assert not leftovers(tmp_path)
 
 
-def test_inference_run_refuses_checkpoint_of_other_class_count(template, tmp_path):
+def test_inference_run_refuses_checkpoint_of_other_class_count(template, tmp_path, caplog):
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(os.path.join(template, "imagesTr", "case_000.nii.gz"), images)
     ckpt = tmp_path / "three_classes.pt"
     torch.save(KarimiFCN(features=4, out_channels=3).state_dict(), ckpt)
     out = tmp_path / "pred"
-    proc = run_bundle(
-        ["inference.json"], tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", str(images),
-        "--ckpt_path", str(ckpt), "--output_dir", str(out), *SMALL,
-    )  # fmt: skip
-    failed_with(proc, f"Checkpoint {ckpt} does not fit the network KarimiFCN", "differ in shape")
+    fails_in_process(caplog, ["inference.json"], f"Checkpoint {ckpt} does not fit the network KarimiFCN",
+                     "differ in shape", bundle_root=str(tmp_path), dataset_dir=str(images), ckpt_path=str(ckpt),
+                     output_dir=str(out))  # fmt: skip
     assert not out.exists()
 
 
-def test_inference_run_refuses_output_under_a_file(template, small_ckpt, tmp_path):
+def test_inference_run_refuses_output_under_a_file(template, small_ckpt, tmp_path, caplog):
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(os.path.join(template, "imagesTr", "case_000.nii.gz"), images)
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
     out = blocker / "sub"
-    proc = run_bundle(
-        ["inference.json"], tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", str(images),
-        "--ckpt_path", small_ckpt, "--output_dir", str(out), *SMALL,
-    )  # fmt: skip
-    failed_with(proc, str(out), "Not a directory")
+    fails_in_process(caplog, ["inference.json"], str(out), "Not a directory", bundle_root=str(tmp_path),
+                     dataset_dir=str(images), ckpt_path=small_ckpt, output_dir=str(out))  # fmt: skip
     assert blocker.read_text() == "not a folder" and not leftovers(tmp_path)
 
 
@@ -507,12 +530,10 @@ def test_evaluate_run_refuses_label_outside_classes(template, small_ckpt, tmp_pa
     assert not (tmp_path / "runs" / "train" / "eval").exists()
 
 
-def test_evaluate_run_refuses_missing_checkpoint(template, tmp_path):
-    proc = run_bundle(
-        ["train.json", "evaluate.json"], tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", template, *SMALL,
-    )  # fmt: skip
+def test_evaluate_run_refuses_missing_checkpoint(template, tmp_path, caplog):
     expected = os.path.join(str(tmp_path), "runs", "train", "model.pt")
-    failed_with(proc, "FileNotFoundError", f"Checkpoint '{expected}' not found", "--ckpt_path")
+    fails_in_process(caplog, ["train.json", "evaluate.json"], f"FileNotFoundError: Checkpoint '{expected}' not found",
+                     "--ckpt_path", bundle_root=str(tmp_path), dataset_dir=template)  # fmt: skip
     assert not (tmp_path / "runs" / "train" / "eval").exists()
 
 

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """The bundle in MONAI Label's `monaibundle` app: a real server on 127.0.0.1, one inference and one short training.
 
 MONAI Label 0.8.5 lives in its own environment (it needs torchvision, pins numpy < 2 and pydicom < 3), made by
@@ -35,7 +36,7 @@ import torch
 
 from common.checkpoints import checkpoint_state_dict
 
-from _ecosystem import FIRST_BUNDLE, copy_bundle, free_port, small_network, tiny_dataset
+from _ecosystem import FIRST_BUNDLE, ROOT, copy_bundle, free_port, small_network, tiny_dataset
 
 DEFAULT_PY = os.path.join(os.path.expanduser("~"), ".cache", "tlseg", "monailabel-venv", "bin", "python")
 ML_PY = os.environ.get("TLSEG_MONAILABEL_PY") or DEFAULT_PY
@@ -49,6 +50,20 @@ def _monailabel_python() -> str:
     if proc.returncode != 0:
         pytest.skip(f"{ML_PY} cannot import monailabel and common (run tools/setup_monailabel.sh): {proc.stderr.strip()[-300:]}")
     return ML_PY
+
+
+def _assert_this_checkout(py: str, cwd: str) -> None:
+    """The MONAI Label environment imports whichever ``common`` was installed into it last (an editable install of
+    another checkout, a wheel): it must be this checkout's, or the test would check other code. Asked from a
+    folder without a ``common/`` (as the server runs), with the server's environment."""
+    proc = subprocess.run([py, "-c", "import common, os; print(os.path.realpath(os.path.dirname(common.__file__)))"],
+                          capture_output=True, text=True, timeout=300, env=_env(py), cwd=cwd)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported, ours = proc.stdout.strip().splitlines()[-1], os.path.realpath(os.path.join(ROOT, "common"))
+    assert imported == ours, (
+        f"{py} imports common from {imported}, not from this checkout ({ours}): run `bash tools/setup_monailabel.sh` "
+        "from this checkout (or set TLSEG_MONAILABEL_PY to an environment that has it installed)."
+    )
 
 
 def _env(py: str) -> dict:
@@ -90,6 +105,7 @@ def _assert_published(served: str, best: str, before_inode: int) -> None:
 @pytest.mark.slow
 def test_monailabel_serves_and_trains_the_bundle(tmp_path):
     py = _monailabel_python()
+    _assert_this_checkout(py, str(tmp_path))
     env = _env(py)
     apps = tmp_path / "apps"
     subprocess.run([py, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],

@@ -487,7 +487,8 @@ def test_inhouse_documented_example_is_accepted(tmp_path, capsys):
     out = str(tmp_path / "CP")
     assert prepare_data.main(["inhouse", "--source", str(root / "cases.csv"), "--output", out, "--task", "cp"]) == 0
     meta = read_decathlon(out)
-    assert [c["case"] for c in meta["training"]] == [f"fetus{i:02d}_t2" for i in range(1, 5)]  # read_decathlon's ids
+    # read_decathlon takes an entry's own "case" (the list's case column) as its id, else the image file's name
+    assert [c["case"] for c in meta["training"]] == [f"fetus{i:02d}" for i in range(1, 5)]
     saved = json.loads(open(os.path.join(out, "dataset.json")).read())
     assert [e["group"] for e in saved["training"]] == ["younger", "younger", "older", "older"]
     assert saved["groups"] == {"younger": 2, "older": 2} and saved["labels"]["1"] == "cortical plate"

@@ -1,3 +1,4 @@
+# Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
 """Tracking and feedback of a training run: TensorBoard events, MLflow tracking, the progress bar, and the
 learning rate with its decay events.
 
@@ -23,10 +24,8 @@ from _ecosystem import FIRST_BUNDLE, BUNDLES_DIR, SMALL, bundle_cmd, run, tiny_d
 
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 BASE_LR, FACTOR = 1e-4, 0.5
-CONSTANT_LOSS_OVERLAY = {
-    "+initialize": [
-        "$[setattr(h, 'output_transform', lambda output: 1.0) for h in @train#handlers if isinstance(h, common.handlers.PlateauDecay)]"
-    ]
+CONSTANT_LOSS_OVERLAY = {  # MONAI's ConfigWorkflow runs an "initialize" id, when there is one, before "run"
+    "initialize": ["$setattr(@checkpointer.save_dict['lr_decay'], 'output_transform', lambda output: 1.0)"]
 }
 
 
@@ -80,15 +79,15 @@ def test_learning_rate_and_decays_are_logged(tracked_run):
     log = tracked_run["proc"].stdout + tracked_run["proc"].stderr
     decays = re.findall(r"Iteration (\d+): monitored loss did not improve .*; learning rate ([\d.e-]+\d) -> ([\d.e-]+\d)", log)
     assert [int(d[0]) for d in decays] == [2, 3], decays
-    assert float(decays[-1][2]) == pytest.approx(BASE_LR * FACTOR**2)
+    assert float(decays[-1][2]) == pytest.approx(BASE_LR * FACTOR**2, rel=5e-3)  # logged with %.3g
     lr = _scalars(tracked_run["run_dir"])["lr"]  # PlateauDecay's engine.state.metrics["lr"], per epoch
     assert [s for s, _ in lr] == [1]
-    assert lr[0][1] == pytest.approx(BASE_LR * FACTOR**2, rel=1e-6)
+    assert lr[0][1] == pytest.approx(BASE_LR * FACTOR**2, rel=1e-6)  # TensorBoard keeps float32 (6e-8)
     assert re.search(r"Epoch\[1\] Metrics -- .*lr: ", log)  # StatsHandler's epoch summary
     # the decay state is checkpointed (train.json's checkpointer finds the PlateauDecay among train#handlers)
     ckpt = torch.load(tracked_run["run_dir"] / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert ckpt["lr_decay"]["decays"] == 2
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(BASE_LR * FACTOR**2)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == BASE_LR * FACTOR**2  # two exact halvings
 
 
 @pytest.mark.slow
