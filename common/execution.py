@@ -309,7 +309,11 @@ class TaskBatch:
             task = batchdata.get(self.task_key)
         if task is None:
             raise ValueError(f"The batch names no task ('{self.task_key}'): a multi-task network needs one.")
-        return image, label, (), {"task": task}
+        if isinstance(task, (list, tuple)):  # a collated batch: one name per sample, all the same
+            if len(set(map(str, task))) != 1:
+                raise ValueError(f"A batch mixes the tasks {sorted(set(map(str, task)))}: use batch_size 1 or group by task.")
+            task = task[0]
+        return image, label, (), {"task": str(task)}
 
 
 def prepare_batch_fn(strip_meta: bool = False, task_key: str | None = None, task: Any = None) -> Callable:

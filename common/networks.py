@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -386,28 +386,40 @@ class MultiTaskFCN(KarimiFCN):
         self.tasks = [str(t) for t in heads]
         self.heads = nn.ModuleDict({str(t): nn.Conv3d(width, int(n), 3, padding=1, bias=True) for t, n in heads.items()})
         self.heads.apply(he_truncated_normal_)
-        self.default_task = None if default_task is None else str(default_task)
+        if default_task is None and len(self.tasks) == 1:
+            default_task = self.tasks[0]
+        #: "" when there is none (a TorchScript-friendly string)
+        self.default_task: str = "" if default_task is None else str(default_task)
 
     def task_name(self, task: Any) -> str:
-        """The head name of ``task``: a name, an index, or a list/tuple naming one task for every sample."""
+        """The head name of ``task``: a name, an index, or a list/tuple naming one task for every sample (a
+        collated batch); None: the default task. (Python-side; :meth:`forward` takes the name.)"""
         if isinstance(task, (list, tuple)):
             names = {self.task_name(t) for t in task}
             if len(names) != 1:
                 raise ValueError(f"A batch mixes the tasks {sorted(names)}: every sample must go to one head.")
             return names.pop()
         if isinstance(task, torch.Tensor):
-            task = task.flatten()[0].item() if task.numel() == 1 else [t.item() for t in task.flatten()]
-            return self.task_name(task)
+            return self.task_name(task.flatten().tolist() if task.numel() > 1 else task.item())
         if isinstance(task, int):
             return self.tasks[task]
-        if task is None and (self.default_task or len(self.tasks) == 1):
+        if task is None:
+            if not (self.default_task or len(self.tasks) == 1):
+                raise ValueError(f"No task given and no default_task; the network's heads are {self.tasks}.")
             return self.default_task or self.tasks[0]
         if str(task) not in self.heads:
             raise ValueError(f"Unknown task {task!r}; the network's heads are {self.tasks}.")
         return str(task)
 
-    def forward(self, x: torch.Tensor, task: Any = None) -> torch.Tensor:  # type: ignore[override]
-        return self.heads[self.task_name(task)](self.decode_features(self.encode_checked(x)))
+    def forward(self, x: torch.Tensor, task: Optional[str] = None) -> torch.Tensor:  # type: ignore[override]
+        """Logits of ``task``'s head (a head name; None: ``default_task``). TorchScript-compatible, so
+        ``ckpt_export`` scripts it; :class:`common.execution.TaskBatch` turns a batch's task list into the name."""
+        y = self.decode_features(self.encode_checked(x))
+        key = self.default_task if task is None else task
+        for name, head in self.heads.items():
+            if name == key:
+                return head(y)
+        raise ValueError("Unknown task: not one of the network's heads (see MultiTaskFCN.tasks).")
 
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the decoder section and every head."""

@@ -4,6 +4,8 @@
 A training run of a bundle (``configs/train.json``) writes into ``<bundle_root>/runs/<run_name>/``::
 
     run_info.json            seed, command line, package versions, host, time (:func:`write_run_record`)
+    signature.json           what the run is (mode, source model, network), checked on resume (:func:`check_run_signature`)
+    .lock                    the one writer's lock while the run trains (:class:`RunFolderLock`)
     configs/                 copies of the config files of the command
     datalist.json            the split (training / validation / test cases) and its seed (common.data)
     model.pt                 the best-validation-DSC weights (a plain state dict)
@@ -44,6 +46,7 @@ __all__ = [
     "CONVERGENCE_TOLERANCE",
     "snapshot_name",
     "run_dir",
+    "check_run_signature",
     "RunFolderBusy",
     "RunFolderLock",
     "lock_run_folder",
@@ -223,6 +226,38 @@ def lock_run_folder(folder: str, enabled: bool = True) -> RunFolderLock | None:
     """Take the one-writer lock of a run folder for the rest of the process (see :class:`RunFolderLock`); the
     bundles' training ``run`` does this first. ``enabled=False`` (the ranks > 0 of a multi-GPU run): nothing."""
     return RunFolderLock(folder).acquire() if enabled else None
+
+
+SIGNATURE_FILE = "signature.json"
+
+
+def check_run_signature(output_dir: str, signature: Mapping[str, Any], enabled: bool = True) -> dict[str, Any]:
+    """Refuse to resume a run folder whose checkpoint was trained as another run: another transfer mode, source
+    model or network (e.g. the run of the same name of another bundle started from the same folder). The bundles'
+    training writes ``signature.json`` (``signature``: the mode, the source checkpoint, the network class and size)
+    and checks it when a checkpoint is already there. ``enabled=False`` (ranks > 0): check only.
+
+    Raises:
+        RuntimeError: naming the folder and what differs.
+    """
+    sig = json.loads(json.dumps(dict(signature), default=str))
+    if sig.get("source_checkpoint"):
+        sig["source_checkpoint"] = os.path.abspath(str(sig["source_checkpoint"]))
+    path = os.path.join(output_dir, SIGNATURE_FILE)
+    trained = any(os.path.isfile(os.path.join(output_dir, f)) for f in ("checkpoint.pt", "checkpoint_final.pt"))
+    if trained and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), sig.get(k)) for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k)}
+        if diff:
+            said = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise RuntimeError(
+                f"Run folder {output_dir} holds a run trained otherwise ({said}); resuming it would mix two runs. Give "
+                f"this run another --run_name (or --bundle_root), or delete the folder to start it again."
+            )
+    if enabled:
+        write_json(path, sig)
+    return sig
 
 
 def run_dir(bundle_root: str, run_name: str, groups: Sequence[str] | str | None = None) -> str:

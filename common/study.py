@@ -132,20 +132,29 @@ def run_name(mode: str, n_train: int | None, seed: int) -> str:
     return f"{mode}_n{'all' if n_train is None else int(n_train)}_s{int(seed)}"
 
 
+def job_run_dir(config_files: Sequence[str], overrides: Mapping[str, Any]) -> str:
+    """The run folder the bundle's layered configs give for ``overrides``: their ``output_dir`` (which appends the
+    groups the configs select, e.g. ``runs/pretrain_center1_center2_center3_center4``), evaluated without building
+    anything else."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser.update(dict(overrides))
+    return os.path.abspath(parser.get_parsed_content("output_dir"))
+
+
 def plan_jobs(settings: StudySettings) -> list[Job]:
     """Every job of the study, the source model first."""
-    from .runs import run_dir
-
     root = os.path.abspath(settings.out_dir)
     jobs: list[Job] = []
-    groups = settings.target.get("groups")
     needs_source = any(MODES[m][2] for m in settings.modes)
     source_ckpt = settings.source_checkpoint
     if needs_source and not source_ckpt:
         ov = {**settings.overrides, **settings.source, **settings.pretrain_overrides, "bundle_root": root,
               "run_name": "pretrain", "seed": 0, "split_seed": 0}  # fmt: skip
-        pre = Job("pretrain", "pretrain", None, 0, _config(settings, "pretrain.json"), ov,
-                  run_dir(root, "pretrain", ov.get("groups")), evaluate=False)  # fmt: skip
+        files = _config(settings, "pretrain.json")
+        pre = Job("pretrain", "pretrain", None, 0, files, ov, job_run_dir(files, ov), evaluate=False)
         jobs.append(pre)
         source_ckpt = os.path.join(pre.run_dir, MODEL_FILE)
     for n in settings.n_train:
@@ -156,7 +165,8 @@ def plan_jobs(settings: StudySettings) -> list[Job]:
                       "split_seed": int(seed), "n_train": n}  # fmt: skip
                 if MODES[mode][2]:
                     ov["source_checkpoint"] = source_ckpt
-                jobs.append(Job(name, mode, n, int(seed), _config(settings, *MODES[mode][1]), ov, run_dir(root, name, groups)))
+                files = _config(settings, *MODES[mode][1])
+                jobs.append(Job(name, mode, n, int(seed), files, ov, job_run_dir(files, ov)))
     return jobs
 
 
@@ -356,9 +366,11 @@ def job_table(jobs: Sequence[Job]) -> list[dict[str, Any]]:
         with open(summary_path) as f:
             s = json.load(f)
         row: dict[str, Any] = {"run": job.name, "mode": job.mode, "n_train": job.n_train, "seed": job.seed}
+        parts = list(s["per_task"].values()) if "per_task" in s else [s]  # a multi-task run: the mean over its tasks
         for metric in ("dice", "hd95", "assd", "f1"):
-            if metric in s:
-                row[metric] = _num(s[metric]["mean"])
+            values = [_num(p[metric]["mean"]) for p in parts if metric in p]
+            if values:
+                row[metric] = sum(values) / len(values)
         history = read_history(job.run_dir)
         entries = history["entries"]
         try:

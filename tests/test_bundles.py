@@ -93,8 +93,9 @@ def test_an_edit_made_in_a_rendered_config_is_caught_and_a_source_edit_reaches_e
 def test_check_properties_of_train_and_inference_workflows(name, data, tmp_path):
     from monai.bundle import ConfigWorkflow
 
+    plain = {"groups": None, "dataset_options": None}  # the tiny liver data has no groups or per-dataset options
     train = ConfigWorkflow(config_file=cfg(name, "train.json"), workflow_type="train", dataset_dir=data,
-                           bundle_root=str(tmp_path), **SMALL_OVERRIDES)  # fmt: skip
+                           bundle_root=str(tmp_path), **SMALL_OVERRIDES, **plain)  # fmt: skip
     train.initialize()
     assert train.check_properties() == []
     assert train.max_epochs == json.loads(open(cfg(name, "train.json")[0]).read())["max_epochs"]
@@ -136,10 +137,11 @@ def test_verify_net_in_out(name):
 def test_train_inference_evaluate_rsim_share_network_and_preprocessing(name, data):
     from monai.bundle import ConfigParser
 
+    mode = ["finetune.json"] if os.path.isfile(cfg(name, "finetune.json")[0]) else []
     layouts = {
         "train": cfg(name, "train.json"),
         "inference": cfg(name, "inference.json"),
-        "evaluate": cfg(name, "train.json", "finetune.json", "evaluate.json"),
+        "evaluate": cfg(name, "train.json", *mode, "evaluate.json"),
         "rsim": cfg(name, "rsim.json"),
     }
     with open(os.path.join(data, "dataset.json")) as f:
@@ -153,46 +155,62 @@ def test_train_inference_evaluate_rsim_share_network_and_preprocessing(name, dat
         defs[what] = parser.get("network_def")
         net = parser.get_parsed_content("network_def")
         nets[what] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        out = parser.get_parsed_content("preprocessing")(dict(item))
-        images[what] = (torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]))
+        given = {"image": item["image"]} if what == "inference" else dict(item)  # inference reads images only
+        out = parser.get_parsed_content("preprocessing")(given)
+        label = out["label"] if what != "inference" else None
+        images[what] = (torch.as_tensor(out["image"]).float(), None if label is None else torch.as_tensor(label))
     ref = "train"
     for what in layouts:
         assert defs[what] == defs[ref], f"{what}: network_def differs from train.json's"
         assert nets[what] == nets[ref]
         assert torch.equal(images[what][0], images[ref][0]), f"{what}: the image is preprocessed differently"
-        assert torch.equal(images[what][1], images[ref][1]), f"{what}: the label is preprocessed differently"
+        if images[what][1] is not None:
+            assert torch.equal(images[what][1], images[ref][1]), f"{what}: the label is preprocessed differently"
     # and the preprocessing is the one the scenario asks for (voxel size): the image was resampled to pixdim
     pixdim = json.loads(open(cfg(name, "train.json")[0]).read())["pixdim"]
     src = nib.load(item["image"])
-    expected = [round(n * s / p) for n, s, p in zip(src.shape, src.header.get_zooms()[:3], pixdim)]
+    # the grid keeps the extent between the first and the last voxel centre: (n - 1) * spacing / pixdim + 1 voxels
+    expected = [(n - 1) * s / p + 1 for n, s, p in zip(src.shape, src.header.get_zooms()[:3], pixdim)]
     assert [abs(a - b) <= 1 for a, b in zip(images[ref][0].shape[1:], expected)] == [True] * 3
 
 
 # ---------------------------------------------------------------------------------------------- as users run it
 @pytest.mark.slow
-@pytest.mark.parametrize("name", BUNDLE_NAMES)
+@pytest.mark.parametrize("name", ["liver_ct_from_liver_mri", "tsc_from_brats"])
 def test_command_forms_from_another_working_directory(name, tmp_path):
     """``run training`` (pretrain), the bare ``run`` (fine-tune), ``run evaluating`` and ``run inference``, each
-    started from a folder that is neither the repository nor the bundle."""
-    src = tiny_dataset(str(tmp_path / "src"), 4, seed=1)
-    tgt = tiny_dataset(str(tmp_path / "tgt"), 4, seed=2)
+    started from a folder that is neither the repository nor the bundle, on the bundle's synthetic stand-ins (the
+    first bundle, and a lesion bundle with centres whose users type exactly this)."""
+    from common.standins import read_recipe, stand_in_overrides
+
+    recipe = read_recipe(os.path.join(BUNDLES_DIR, name))
+    tiny = {"shape": (24, 24, 16), "spacing": (2.0, 2.0, 3.0)}
+    target = stand_in_overrides(recipe, "train.json", str(tmp_path / "data"), **tiny)
+    source = stand_in_overrides(recipe, "pretrain.json", str(tmp_path / "data"), **tiny)
+
+    def ids(overrides):
+        return [x for k, v in overrides.items() for x in (f"--{k}", v if isinstance(v, str) else repr(v))]
+
     work = tmp_path / "elsewhere"
     work.mkdir()
-    short = ["--max_epochs", "1", "--iterations_per_epoch", "2", *SMALL, "--bundle_root", str(work)]
-    run(bundle_cmd("run", "training", "--config_file", as_arg(cfg(name, "train.json", "pretrain.json")),
-                   "--dataset_dir", src, *short), cwd=str(work))  # fmt: skip
-    assert (work / "runs" / "pretrain" / "model.pt").is_file()
-    proc = run(bundle_cmd("run", "--config_file", as_arg(cfg(name, "train.json", "finetune.json")), "--dataset_dir", tgt, *short),
+    short = ["--max_epochs", "1", "--iterations_per_epoch", "2", "--pixdim", "[2.0,2.0,2.0]", *SMALL, "--bundle_root", str(work)]
+    run(bundle_cmd("run", "training", "--config_file", as_arg(cfg(name, "train.json", "pretrain.json")), *ids(source), *short),
+        cwd=str(work))  # fmt: skip
+    proc = run(bundle_cmd("run", "--config_file", as_arg(cfg(name, "train.json", "finetune.json")), *ids(target), *short),
                cwd=str(work))  # fmt: skip
     assert "Loaded source weights from" in proc.stdout + proc.stderr
+    groups = json.loads(open(cfg(name, "train.json")[0]).read()).get("groups") or []
+    out = work / "runs" / ("finetune" + "".join(f"_{g}" for g in groups))
     run(bundle_cmd("run", "evaluating", "--config_file", as_arg(cfg(name, "train.json", "finetune.json", "evaluate.json")),
-                   "--dataset_dir", tgt, *SMALL, "--bundle_root", str(work)), cwd=str(work))  # fmt: skip
-    summary = json.loads((work / "runs" / "finetune" / "eval" / "summary.json").read_text())
-    assert summary["n_cases"] == len(json.loads((work / "runs" / "finetune" / "datalist.json").read_text())["test"])
-    run(bundle_cmd("run", "inference", "--config_file", cfg(name, "inference.json")[0], "--dataset_dir",
-                   os.path.join(tgt, "imagesTr"), "--ckpt_path", str(work / "runs" / "finetune" / "model.pt"),
-                   "--output_dir", str(work / "pred"), *SMALL), cwd=str(work))  # fmt: skip
-    assert len([f for f in os.listdir(work / "pred") if f.endswith("_seg.nii.gz")]) == 4
+                   *ids(target), "--pixdim", "[2.0,2.0,2.0]", *SMALL, "--bundle_root", str(work)), cwd=str(work))  # fmt: skip
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["n_cases"] == len(json.loads((out / "datalist.json").read_text())["test"])
+    images = os.path.join(target["dataset_dir"], "imagesTr")
+    run(bundle_cmd("run", "inference", "--config_file", cfg(name, "inference.json")[0], "--dataset_dir", images,
+                   "--ckpt_path", str(out / "model.pt"), "--output_dir", str(work / "pred"), "--pixdim", "[2.0,2.0,2.0]",
+                   *SMALL), cwd=str(work))  # fmt: skip
+    n_images = len([f for f in os.listdir(images) if f.endswith(".nii.gz")])
+    assert len([f for f in os.listdir(work / "pred") if f.endswith("_seg.nii.gz")]) == n_images
 
 
 @pytest.mark.slow

@@ -25,7 +25,9 @@ What is specific to a bundle is its ``bundles/<name>/scenario.json``:
   a param that no config has is an error (a typo would otherwise be silently ignored);
 * ``configs``: per config file, ids to set (MONAI id paths); a file name that is not a template makes an extra
   layered config of the bundle (e.g. one ``pretrain_<source>.json`` per source);
-* ``metadata``: the text fields of ``metadata.json`` (name, task, description, data_source, ...).
+* ``metadata``: the text fields of ``metadata.json`` (name, task, description, data_source, ...);
+* ``exclude``: template config files this bundle does not have (e.g. no source model: no ``finetune.json``);
+* ``synthetic``: the recipe of its synthetic stand-ins (:mod:`common.standins`; not rendered).
 
 Each bundle's ``docs/`` (README.md, data_license.txt) is written by hand. The rendered files are committed, so
 that MONAI Label, ``ckpt_export`` and ``monai.bundle download`` find complete, model-zoo-shaped bundles;
@@ -158,6 +160,10 @@ def render_configs(
     for name, extra in overrides.items():
         if name not in templates:
             out[name] = copy.deepcopy(dict(extra))
+    for name in scenario.get("exclude", []):  # templates that make no sense for this bundle
+        if name not in out:
+            raise RenderError(f"{source}: 'exclude' names {name}, which no template or override renders.")
+        del out[name]
     return out
 
 
@@ -234,12 +240,18 @@ def write_bundle(name: str) -> list[str]:
 
     changed = []
     bdir = os.path.join(BUNDLES_DIR, name)
-    for rel, text in render_bundle(name).items():
+    files = render_bundle(name)
+    for rel, text in files.items():
         path = os.path.join(bdir, rel)
         old = open(path).read() if os.path.isfile(path) else None
         if old != text:
             write_text(path, text)
             changed.append(rel)
+    cfg = os.path.join(bdir, "configs")
+    for f in sorted(os.listdir(cfg)):  # configs/ is rendered entirely: a file no source renders any more goes
+        if f"configs/{f}" not in files:
+            os.remove(os.path.join(cfg, f))
+            changed.append(f"configs/{f} (removed)")
     return changed
 
 

@@ -58,6 +58,17 @@ def _pairs(items: list[str] | None) -> dict:
     return out
 
 
+def _absolute(pairs: dict) -> dict:
+    """Paths given to the study (``dataset_dir``, ``source_checkpoint``) made absolute from this command's folder: the
+    runs start in the study folder."""
+    def fix(v):
+        if isinstance(v, str) and v and not v.startswith("$") and not os.path.isabs(v):
+            return os.path.abspath(v)
+        return [fix(x) for x in v] if isinstance(v, list) else v
+
+    return {k: fix(v) if k in ("dataset_dir", "source_checkpoint") else v for k, v in pairs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(bundle, "configs", "train.json")):
         raise SystemExit(f"error: {bundle} is not a bundle (no configs/train.json)")
     overrides = {**(QUICK if args.quick else {}), **_pairs(args.overrides)}
-    target, source = _pairs(args.target), _pairs(args.source)
+    target, source = _absolute(_pairs(args.target)), _absolute(_pairs(args.source))
     pretrain_overrides = dict(QUICK_PRETRAIN) if args.quick else {}
     description = "A quick study (--quick): small blocks and few iterations on a CPU; not the paper's settings." if args.quick else ""
     if args.synthetic:
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = StudySettings(
         bundle_dir=os.path.abspath(bundle), out_dir=os.path.abspath(args.out), n_train=sizes, seeds=args.seeds,
         modes=args.modes, overrides=overrides, target=target, source=source, pretrain_overrides=pretrain_overrides,
-        source_checkpoint=args.source_checkpoint, analyses=[] if args.analyses == "none" else args.analyses,
+        source_checkpoint=os.path.abspath(args.source_checkpoint) if args.source_checkpoint else None, analyses=[] if args.analyses == "none" else args.analyses,
         description=description.strip(),
     )  # fmt: skip
     slurm = {"partition": args.partition, "gpus": args.gpus, "timeout_min": args.time, "cpus": args.cpus, "mem_gb": args.mem_gb}
