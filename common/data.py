@@ -83,7 +83,7 @@ def read_decathlon(dataset_dir: str) -> dict[str, Any]:
             f"layout (see tools/prepare_data.py or make it with tools/make_synthetic.py)."
         )
     try:
-        with open(meta_path) as f:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{meta_path} cannot be read as JSON: {err}") from err
@@ -592,7 +592,7 @@ def load_datalist(path: str, require: Sequence[str] = ("training", "validation",
     if not os.path.isfile(path):
         raise DataError(f"Datalist {path} not found.")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"Datalist {path} cannot be read as JSON: {err}") from err
@@ -617,7 +617,7 @@ def list_images(source: str | Sequence[str]) -> list[dict[str, str]]:
         )
     elif os.path.isfile(source) and source.endswith(".json"):
         try:
-            with open(source) as f:
+            with open(source, encoding="utf-8") as f:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise DataError(f"{source} cannot be read as JSON: {err}") from err

@@ -4,7 +4,8 @@
 * :func:`plot_evolution`: RSIM of each snapshot against the convergence epoch, a panel per layer (Figs. 6-7);
 * :func:`plot_filter_change`: relative change of every convolution's weights, init -> convergence;
 * :func:`plot_filters` / :func:`filters_figure`: selected filters at init, at convergence and their
-  difference (Figs. 8-9);
+  difference (Figs. 8-9), of the probe convolutions (``common.capture.probe_filters``: the last convolution of
+  each probed block, whose output is the default RSIM probe);
 * :func:`plot_feature_maps`: feature maps of one image block (Fig. 10).
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no display, no global state) and saved
@@ -67,9 +68,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def plot_evolution(rows: Sequence[Mapping[str, Any]], path: str, title: str | None = None) -> str:
+def plot_evolution(rows: Sequence[Mapping[str, Any]], path: str, title: str | None = None, probes: str | None = None) -> str:
     """One panel per layer, x = epoch, y = RSIM against the convergence epoch, one line per run; a star
-    marks each run's convergence epoch."""
+    marks each run's convergence epoch; a dashed grey line the random floor of the layer (rows' ``floor``, when
+    given); ``probes`` (e.g. ``common.capture.describe_probes(..., short=True)``) goes into the title."""
     layers = list(OrderedDict.fromkeys(r["layer"] for r in rows))
     runs = list(OrderedDict.fromkeys(r["run"] for r in rows))
     ncol = min(3, max(1, len(layers)))
@@ -88,6 +90,9 @@ def plot_evolution(rows: Sequence[Mapping[str, Any]], path: str, title: str | No
             hit = [p for p in pts if p[0] == conv]
             if hit:
                 ax.plot([hit[0][0]], [hit[0][1]], "*", color=c, ms=12, mec="k", mew=0.6)
+        floor = [float(r["floor"]) for r in rows if r["layer"] == layer and r.get("floor") is not None]
+        if floor and math.isfinite(floor[0]):
+            ax.axhline(floor[0], color="0.5", ls="--", lw=1, label="random floor" if k == 0 else None)
         ax.set_title(layer)
         ax.set_xlabel("epoch")
         ax.set_ylabel("RSIM vs convergence epoch")
@@ -96,12 +101,15 @@ def plot_evolution(rows: Sequence[Mapping[str, Any]], path: str, title: str | No
     for k in range(len(layers), nrow * ncol):
         axes[k // ncol][k % ncol].set_visible(False)
     axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title or "Evolution of representations (RSIM with the convergence epoch, marked *)")
+    head = title or "Evolution of representations (RSIM with the convergence epoch, marked *; random floor dashed)"
+    fig.suptitle(head + (f"\n{probes}" if probes else ""))
     fig.tight_layout()
     return _save_figure(fig, path)
 
 
-def plot_filter_change(rows: Sequence[Mapping[str, Any]], path: str) -> str:
+def plot_filter_change(rows: Sequence[Mapping[str, Any]], path: str, probes: str | None = None) -> str:
+    """Relative change of every convolution's weights (a bar per run and conv, module order); the convolutions of
+    the probe layers labelled (``probes``: which probes, for the title)."""
     runs = list(OrderedDict.fromkeys(r["run"] for r in rows))
     convs = list(OrderedDict.fromkeys(r["conv"] for r in rows))
     probe_of = {r["conv"]: r["probe"] for r in rows if r.get("probe")}
@@ -117,7 +125,9 @@ def plot_filter_change(rows: Sequence[Mapping[str, Any]], path: str) -> str:
     ax.set_xticklabels([probe_of[convs[i]] for i in ticks], rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("convolution layers in module order (the convs producing the probe layers labelled)")
     ax.set_ylabel(r"$\|W_{conv} - W_{init}\| / \|W_{init}\|$")
-    ax.set_title("Relative change of the convolution weights from initialisation to convergence")
+    ax.set_title("Relative change of the convolution weights from initialisation to convergence"
+                 + (f"\n(labelled: the convolutions of the {probes.replace('probes: ', '')} probes)" if probes else ""),
+                 fontsize=10)  # fmt: skip
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -154,7 +164,8 @@ def plot_filters(
     run = load_run(run, runs_dir)
     path = path or os.path.join(out_dir or ".", f"filters_{_safe(run.name)}.png")
     n0, n1 = setup.network(run.weights("init")), setup.network(run.weights(which))
-    title = f"{run.name}: filters at init (epoch 0), convergence (epoch {run.epoch_of(which)}) and difference"
+    title = (f"{run.name}: filters at init (epoch 0), convergence (epoch {run.epoch_of(which)}) and difference\n"
+             f"rows: the last convolution of each probed block (the conv probes of the RSIM analyses)")  # fmt: skip
     return filters_figure(n0, n1, path, layers, n_filters, title)
 
 
@@ -210,7 +221,7 @@ def plot_feature_maps(
     path = path or os.path.join(out_dir or ".", f"feature_maps_{_safe(run.name)}.png")
     net = setup.network(run.weights(which))
     block = setup.sampler([run])[block_index].to(setup.device)
-    with capture.ActivationRecorder(net, list(layers)) as rec:
+    with capture.ActivationRecorder(net, list(layers), setup.probe) as rec:
         outs = rec.run(block)
     fig = _figure(1.9 * (n_channels + 1), 1.9 * len(outs) + 0.6)
     axes = fig.subplots(len(outs), n_channels + 1, squeeze=False)
@@ -233,5 +244,6 @@ def plot_feature_maps(
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"{run.name}: feature maps (epoch {run.epoch_of(which)}), block {block_index}", fontsize=10)
+    fig.suptitle(f"{run.name}: feature maps (epoch {run.epoch_of(which)}), block {block_index}\n"
+                 f"{capture.describe_probes(setup.probe, short=True)}", fontsize=10)  # fmt: skip
     return _save_figure(fig, path)

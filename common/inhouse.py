@@ -110,12 +110,12 @@ def read_case_list(path: str) -> list[dict[str, str]]:
     base = os.path.dirname(os.path.abspath(path))
     try:
         if path.lower().endswith(".json"):
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 rows = json.load(f)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise DataError(f"{path}: expected a JSON list of {{\"image\", \"label\", \"group\"}} objects.")
         else:
-            with open(path, newline="") as f:
+            with open(path, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)
                 fields = [c.strip() for c in (reader.fieldnames or [])]
                 missing = [c for c in ("image", "label", "group") if c not in fields]
@@ -229,7 +229,7 @@ def prepare_inhouse(
     staged = StagedDataset(out, job, log)
     if staged.open():
         log(f"All {len(cases)} in-house case(s) are good; {out} is already complete for these settings.")
-        with open(os.path.join(out, "dataset.json")) as f:
+        with open(os.path.join(out, "dataset.json"), encoding="utf-8") as f:
             return json.load(f)
     entries = []
     n = len(cases)

@@ -37,6 +37,7 @@ __all__ = [
     "write_csv",
     "write_text",
     "remove_stale_temporaries",
+    "utf8_console",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,9 +80,10 @@ def atomic_path(path: str, suffix: str = TMP_SUFFIX) -> Iterator[str]:
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write ``path`` atomically (see :func:`atomic_path`): ``write(f)`` fills the temporary file opened
-    with ``mode`` (``"wb"`` or ``"w"``)."""
+    with ``mode`` (``"wb"`` or ``"w"``; text is UTF-8 whatever the machine's locale)."""
     with atomic_path(path) as tmp:
-        with open(tmp, mode, newline="" if "b" not in mode else None) as f:
+        text = "b" not in mode
+        with open(tmp, mode, newline="" if text else None, encoding="utf-8" if text else None) as f:
             write(f)
 
 
@@ -157,3 +159,20 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     if removed:
         logger.info("Removed %d temporary file(s) of an interrupted write: %s", len(removed), removed)
     return removed
+
+
+def utf8_console() -> None:
+    """Let ``print`` write any text: where the locale's encoding is not UTF-8 (``LANG`` unset, as on many CI runners
+    and containers, gives ASCII), stdout and stderr are switched to UTF-8, so a report line holding ``±`` or a
+    path with an accent does not stop a tool with ``UnicodeEncodeError``. Called by the command-line tools."""
+    import codecs
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        enc = getattr(stream, "encoding", None) or ""
+        try:
+            utf8 = codecs.lookup(enc).name == "utf-8"
+        except LookupError:
+            utf8 = False
+        if not utf8 and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")

@@ -293,7 +293,7 @@ def _check_mhd_data_file(path: str) -> None:
     if not path.lower().endswith(".mhd"):
         return
     try:
-        with open(path, errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition("=")
                 if key.strip() == "ElementDataFile":
@@ -524,7 +524,7 @@ def _fsync_dir(path: str) -> None:
 def _is_ours(folder: str) -> bool:
     """``folder`` holds a dataset written by this module (its dataset.json names :data:`TOOL`)."""
     try:
-        with open(os.path.join(folder, "dataset.json")) as f:
+        with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
             meta = json.load(f)
         return isinstance(meta, dict) and (meta.get("prepared_by") or {}).get("tool") == TOOL
     except (OSError, ValueError, AttributeError):
@@ -552,7 +552,7 @@ class StagedDataset:
     # -- state on disk
     def _staged_job(self) -> Any:
         try:
-            with open(os.path.join(self.meta_dir, "job.json")) as f:
+            with open(os.path.join(self.meta_dir, "job.json"), encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, ValueError):
             return None
@@ -602,7 +602,7 @@ class StagedDataset:
 
     def _output_up_to_date(self) -> bool:
         try:
-            with open(os.path.join(self.output, "dataset.json")) as f:
+            with open(os.path.join(self.output, "dataset.json"), encoding="utf-8") as f:
                 meta = json.load(f)
         except (OSError, ValueError):
             return False
@@ -618,7 +618,7 @@ class StagedDataset:
     def done(self, case: str) -> dict[str, Any] | None:
         """The recorded training entry of ``case`` when an earlier run completed it (files present), else None."""
         try:
-            with open(self._record_path(case)) as f:
+            with open(self._record_path(case), encoding="utf-8") as f:
                 entry = json.load(f)
         except (OSError, ValueError):
             return None
@@ -718,7 +718,7 @@ def _discover_msd(source: str, label_map: LabelMap, opts: dict[str, Any]) -> Dis
     meta_path = os.path.join(root, "dataset.json")
     _require_file(meta_path, "the task's dataset.json (a Medical Segmentation Decathlon TaskXX_* folder)")
     try:
-        with open(meta_path) as f:
+        with open(meta_path, encoding="utf-8") as f:
             task = json.load(f)
     except (OSError, ValueError) as err:
         raise DataError(f"{meta_path}: cannot be read as JSON: {err}") from err
@@ -985,7 +985,7 @@ def convert(
     staged = StagedDataset(out, job, log)
     if staged.open():
         log(f"{out} is already complete for these settings; nothing to do (remove it to convert again).")
-        with open(os.path.join(out, "dataset.json")) as f:
+        with open(os.path.join(out, "dataset.json"), encoding="utf-8") as f:
             return json.load(f)
     n = len(disc.cases)
     entries: list[dict[str, Any]] = []

@@ -125,7 +125,7 @@ def convergence_table(rows: Sequence[Mapping[str, Any]], sizes: Sequence[Any], m
 
 
 def _read_curve(path: str) -> list[dict[str, float]]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [{k: float(v) if v not in ("", "None") else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
 
 
@@ -265,6 +265,11 @@ def findings(rows: Sequence[Mapping[str, Any]], sizes: Sequence[Any], analyses: 
     return out
 
 
+def _overrides_text(overrides: Mapping[str, Any]) -> str:
+    """``id=value`` pairs of config overrides, in a stable order; ``none`` when there are none."""
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(overrides.items())) or "none"
+
+
 def write_report(settings: Any, jobs: Sequence[Any], root: str) -> str:
     """Write ``<root>/report/`` (see the module docstring); returns the path of ``report.md``."""
     from .study import job_table
@@ -281,7 +286,7 @@ def write_report(settings: Any, jobs: Sequence[Any], root: str) -> str:
     except Exception as err:  # the analyses must not lose the report of the runs
         logger.warning("The representation analyses failed: %s", err)
         analyses = {"error": f"{type(err).__name__}: {err}"}
-    train = json.load(open(os.path.join(settings.bundle_dir, "configs", "train.json")))
+    train = json.load(open(os.path.join(settings.bundle_dir, "configs", "train.json"), encoding="utf-8"))
     ov = settings.overrides
     lines = [
         f"# Study report: {os.path.basename(os.path.normpath(settings.bundle_dir))}",
@@ -297,6 +302,8 @@ def write_report(settings: Any, jobs: Sequence[Any], root: str) -> str:
         f"; blocks {ov.get('block_size', train['block_size'])}; voxels {ov.get('pixdim', train['pixdim'])} mm; "
         f"{ov.get('max_epochs', train['max_epochs'])} epochs x {ov.get('iterations_per_epoch', train['iterations_per_epoch'])} "
         f"iterations (the paper: 96^3 blocks, about 100 epochs x 200 iterations).",
+        f"- Every run's overrides of the bundle's defaults: {_overrides_text(ov)}; the source run's own: "
+        f"{_overrides_text(settings.pretrain_overrides)}.",
         f"- Data: target {settings.target.get('dataset_dir', train['dataset_dir'])}; source "
         f"{settings.source.get('dataset_dir', 'the bundle default') if settings.source_checkpoint is None else settings.source_checkpoint}.",
         "",
@@ -323,7 +330,7 @@ def write_report(settings: Any, jobs: Sequence[Any], root: str) -> str:
         for name in ("similarity.md", "feature_reuse.md"):
             path = os.path.join(adir, name)
             if os.path.isfile(path):
-                lines += [open(path).read(), ""]
+                lines += [open(path, encoding="utf-8").read(), ""]
         for png in sorted(f for f in os.listdir(adir) if f.endswith(".png")):
             lines.append(f"![{png}](../analysis/{png})")
     lines += ["", "## The paper's findings, tested on this study's numbers", "", *findings(rows, sizes, analyses), ""]

@@ -92,7 +92,7 @@ def _process_start(pid: int) -> str | None:
     """The start time of process ``pid`` (``/proc/<pid>/stat`` field 22, clock ticks since boot), to tell a live
     holder from another process that got the same PID; None where ``/proc`` is absent."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
@@ -133,7 +133,7 @@ class RunFolderLock:
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            with open(self.path) as f:
+            with open(self.path, encoding="utf-8") as f:
                 return json.load(f)
         except FileNotFoundError:
             return None
@@ -185,7 +185,7 @@ class RunFolderLock:
                     self.what, self.folder, holder.get("host", "?"), holder.get("pid", "?"), holder.get("since", "?"),
                 )  # fmt: skip
                 continue
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
             self._start_heartbeat()
             atexit.register(self.release)
@@ -246,7 +246,7 @@ def check_run_signature(output_dir: str, signature: Mapping[str, Any], enabled: 
     path = os.path.join(output_dir, SIGNATURE_FILE)
     trained = any(os.path.isfile(os.path.join(output_dir, f)) for f in ("checkpoint.pt", "checkpoint_final.pt"))
     if trained and os.path.isfile(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             old = json.load(f)
         diff = {k: (old.get(k), sig.get(k)) for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k)}
         if diff:
@@ -348,7 +348,7 @@ def read_history(source: Any) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"No snapshot history at {path}: train with the SnapshotSaver handler (save_snapshots true)."
             )
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             source = json.load(f)
     if isinstance(source, dict):
         entries = source.get("entries", [])

@@ -35,7 +35,7 @@ _DATA_KEYS = ("preset", "n", "test_per_group", "seed", "shape", "spacing")
 def read_recipe(bundle_dir: str) -> dict[str, Any]:
     """The ``synthetic`` section of ``<bundle_dir>/scenario.json`` (config file -> overrides with specs)."""
     path = os.path.join(bundle_dir, "scenario.json")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         recipe = json.load(f).get(SYNTHETIC_KEY)
     if not recipe:
         raise ValueError(f"{path} has no '{SYNTHETIC_KEY}' section: the bundle names no synthetic stand-ins.")

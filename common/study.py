@@ -25,7 +25,7 @@ command skips the finished jobs (their outputs are there: ``checkpoint_final.pt`
 ``curve.csv``) and resumes the unfinished run from its checkpoint. The study folder has one writer
 (:class:`common.runs.RunFolderLock`), as each run folder has.
 
-Executors: ``local`` (one job after the other in this process's machine) or submitit's (``slurm``: each job a
+Executors: ``local`` (one job after the other on this machine, or ``workers`` at once) or submitit's (``slurm``: each job a
 SLURM job with the GPUs, partition and time limit given; ``submitit-local``: the same through submitit's local
 executor); results are collected as jobs finish, and a partly finished study resumes the same way.
 """
@@ -198,12 +198,12 @@ def run_job(job: Job | Mapping[str, Any], log_dir: str) -> dict[str, Any]:
         os.path.join(job.run_dir, MODEL_FILE)
     )
     if not trained:
-        with open(log_path, "a") as log:
+        with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(train_command(job))}\n")
             log.flush()
             proc = subprocess.run(train_command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.overrides["bundle_root"])
         if proc.returncode != 0:
-            with open(log_path) as f:
+            with open(log_path, encoding="utf-8") as f:
                 tail = f.read()[-3000:]
             raise RuntimeError(f"Study job {job.name} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
     record["command_seconds"] = time.perf_counter() - t0
@@ -250,9 +250,9 @@ def evaluate_run(job: Job) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the study
-def _progress(done: int, total: int, name: str, seconds: float, durations: list[float]) -> None:
+def _progress(done: int, total: int, name: str, seconds: float, durations: list[float], parallel: int = 1) -> None:
     left = total - done
-    eta = (sum(durations) / len(durations)) * left if durations else float("nan")
+    eta = (sum(durations) / len(durations)) * left / max(1, min(parallel, left)) if durations else float("nan")
     eta_txt = "" if not durations or left == 0 else f", about {eta / 60:.1f} min left"
     print(f"[{done}/{total}] {name}: {seconds:.0f} s{eta_txt}", flush=True)
 
@@ -279,24 +279,65 @@ def _executor(kind: str, folder: str, slurm: Mapping[str, Any] | None):
 
 
 def run_study(settings: StudySettings, executor: str = "local", slurm: Mapping[str, Any] | None = None,
-              report: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Run (or resume) the study; returns its state (``study.json``). See the module docstring."""
+              report: bool = True, workers: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) the study; returns its state (``study.json``). See the module docstring.
+
+    ``workers`` (local executor): jobs run at once, each in its own process with ``cpu_count // workers`` torch and
+    OpenMP threads. On a CPU the paper's network (14 channels per layer) does not keep more than one core busy
+    per job (small 3-D convolutions), so two one-thread jobs on two cores finish a study about twice as fast as one
+    two-thread job at a time (docs/benchmarks.md, "Quick study"). A job that needs the source model waits for it;
+    the others start at once."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     root = os.path.abspath(settings.out_dir)
     os.makedirs(root, exist_ok=True)
     lock = RunFolderLock(root, what="Study folder").acquire()
     try:
-        return _run_study(settings, root, executor, slurm, report)
+        return _run_study(settings, root, executor, slurm, report, workers)
     finally:
         lock.release()
+
+
+def _worker_init(threads: int) -> None:
+    """A local worker process: ``threads`` torch/OpenMP threads, for its in-process evaluation and (through the
+    environment) its training command."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_local_parallel(todo: Sequence[Job], log_dir: str, workers: int, finished: Any) -> None:
+    """Run ``todo`` on ``workers`` local processes; a job that fine-tunes the source model starts once the
+    ``pretrain`` job (if it is among ``todo``) has finished. ``finished(job, record, seconds)`` as each ends."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    waiting_for_source = any(j.mode == "pretrain" for j in todo)
+    ready = [j for j in todo if not (waiting_for_source and j.mode != "pretrain" and "source_checkpoint" in j.overrides)]
+    held = [j for j in todo if j not in ready]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:  # fmt: skip
+        running = {pool.submit(run_job, asdict(j), log_dir): (j, time.perf_counter()) for j in ready}
+        while running:
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                job, t0 = running.pop(fut)
+                finished(job, fut.result(), time.perf_counter() - t0)
+                if job.mode == "pretrain":
+                    running.update({pool.submit(run_job, asdict(j), log_dir): (j, time.perf_counter()) for j in held})
+                    held = []
 
 
 def _write_state(root: str, state: Mapping[str, Any]) -> None:
     write_json(os.path.join(root, STATE_FILE), state)
 
 
-def _run_study(settings: StudySettings, root: str, executor: str, slurm: Any, report: bool) -> dict[str, Any]:
+def _run_study(settings: StudySettings, root: str, executor: str, slurm: Any, report: bool, workers: int) -> dict[str, Any]:
     state_path = os.path.join(root, STATE_FILE)
-    previous = json.load(open(state_path)) if os.path.isfile(state_path) else {}
+    previous = json.load(open(state_path, encoding="utf-8")) if os.path.isfile(state_path) else {}
     if previous and previous.get("settings") != json.loads(json.dumps(asdict(settings))):
         raise ValueError(
             f"{state_path} records a study with other settings: give this study another folder, or delete the old one "
@@ -322,10 +363,12 @@ def _run_study(settings: StudySettings, root: str, executor: str, slurm: Any, re
         durations.append(seconds)
         state["jobs"][job.name] = {"status": "done", "seconds": seconds, **{k: v for k, v in record.items() if k != "evaluation"}}
         _write_state(root, state)
-        _progress(n_done, total, job.name, seconds, durations)
+        _progress(n_done, total, job.name, seconds, durations, workers if executor == "local" else 1)
 
     _write_state(root, state)
-    if executor == "local":
+    if executor == "local" and workers > 1:
+        _run_local_parallel(pre + rest, log_dir, workers, finished)
+    elif executor == "local":
         for job in pre + rest:
             t0 = time.perf_counter()
             finished(job, run_job(job, log_dir), time.perf_counter() - t0)
@@ -363,7 +406,7 @@ def job_table(jobs: Sequence[Job]) -> list[dict[str, Any]]:
         summary_path = os.path.join(job.run_dir, "eval", "summary.json")
         if not os.path.isfile(summary_path):
             continue
-        with open(summary_path) as f:
+        with open(summary_path, encoding="utf-8") as f:
             s = json.load(f)
         row: dict[str, Any] = {"run": job.name, "mode": job.mode, "n_train": job.n_train, "seed": job.seed}
         parts = list(s["per_task"].values()) if "per_task" in s else [s]  # a multi-task run: the mean over its tasks

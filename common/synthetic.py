@@ -603,7 +603,7 @@ def make_dataset(
         "test": [],
         "synthetic": {"seed": seed, **_spec_record(spec)},
     }
-    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
+    with open(os.path.join(out_dir, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     return out_dir
 
@@ -793,7 +793,7 @@ def make_grouped_dataset(
         "test": [],
         "synthetic": {"seed": seed, "groups": record},
     }
-    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
+    with open(os.path.join(out_dir, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     return out_dir
 

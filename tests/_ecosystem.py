@@ -68,7 +68,7 @@ def run(cmd: Sequence[str], cwd: str, timeout: float = 600, env: dict | None = N
     thread unless ``env`` says otherwise (tiny networks: more threads only spin on a shared machine)."""
     env = dict(os.environ if env is None else env)
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -203,7 +203,7 @@ def test_vnet_probe_filters_filter_change_and_picture(tmp_path):
     v = VNet()
     filt = capture.probe_filters(v)
     assert list(filt) == list(v.probe_modules()) == list(PROBE_NAMES)
-    assert [dict(v.named_modules())[m] is v.probe_modules()[p] for p, m in VNet.PROBES] == [True] * 6
+    assert [dict(v.named_modules())[m] is v.probe_modules("residual")[p] for p, m in VNet.PROBES] == [True] * 6
     assert all(isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) for m in filt.values())
     w = copy.deepcopy(v)
     with torch.no_grad():
@@ -305,7 +305,7 @@ def make_run(folder, snapshots: dict[int, dict], val_dice: dict[int, float]) -> 
         torch.save(state, os.path.join(snap, f"epoch_{epoch:04d}.pt"))
     entries = [{"epoch": e, "iteration": 10 * e, "val_dice": val_dice.get(e), "file": f"epoch_{e:04d}.pt"}
                for e in sorted(snapshots)]  # fmt: skip
-    with open(os.path.join(snap, "history.json"), "w") as f:
+    with open(os.path.join(snap, "history.json"), "w", encoding="utf-8") as f:
         json.dump({"metric_name": "val_mean_dice", "interval": 1, "entries": entries}, f)
     return str(folder)
 
@@ -419,7 +419,7 @@ def test_evolution_is_one_at_the_convergence_epoch(trained, setup, tmp_path):
         assert r["rsim"] == pytest.approx(1.0, abs=1e-6), r
     assert {r["epoch"] for r in rows} == set(range(EPOCHS + 1))
     assert all(0.0 <= r["rsim"] <= 1.0 + 1e-9 for r in rows)
-    with open(tmp_path / "evolution.csv") as f:
+    with open(tmp_path / "evolution.csv", encoding="utf-8") as f:
         head = next(csv.reader(f))
     assert head[:4] == ["run", "epoch", "layer", "rsim"]
     assert _is_png(tmp_path / "evolution.png")
@@ -434,7 +434,7 @@ def test_similarity_of_a_network_with_itself_is_one(trained, setup, tmp_path):
         assert p["rsim_ab"] == pytest.approx(1.0, abs=1e-6) and p["rsim_ba"] == pytest.approx(1.0, abs=1e-6)
     for name in ("similarity_pairs.csv", "similarity_summary.csv", "similarity_ttests.csv", "similarity.md"):
         assert (tmp_path / name).is_file(), name
-    assert "RSIM(R.I., T.L.)" in (tmp_path / "similarity.md").read_text()
+    assert "RSIM(R.I., T.L.)" in (tmp_path / "similarity.md").read_text(encoding="utf-8")
 
 
 def test_similarity_which_and_both_directions(trained, setup, tmp_path):
@@ -566,14 +566,14 @@ def test_rsim_config_end_to_end(trained, tmp_path):
         "--progress", "False",
         "--output_dir", str(out),
     ]
-    res = subprocess.run(cmd, cwd=str(root), capture_output=True, text=True, env=_env(), timeout=600)
+    res = subprocess.run(cmd, cwd=str(root), capture_output=True, encoding="utf-8", errors="replace", env=_env(), timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for name in ("evolution.csv", "similarity_pairs.csv", "similarity.md", "feature_reuse.csv", "feature_reuse.md",
                  "filter_change.csv"):
         assert (out / name).is_file(), name
     for name in ("evolution.png", "filter_change.png", "filters_train.png", "feature_maps_train.png"):
         assert _is_png(out / name), name
-    with open(out / "evolution.csv") as f:
+    with open(out / "evolution.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     conv = rows[0]["convergence_epoch"]
     assert all(abs(float(r["rsim"]) - 1) < 1e-6 for r in rows if r["epoch"] == conv)

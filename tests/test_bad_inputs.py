@@ -147,7 +147,7 @@ def run_bundle(configs: list[str], cwd, *args: str) -> subprocess.CompletedProce
     config_file = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--meta_file", META, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, cwd=str(cwd), capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600)
 
 
 SMALL_OVERRIDES = {"network_def#features": 4, "block_size": [16, 16, 16]}
@@ -193,7 +193,7 @@ def failed_with(proc: subprocess.CompletedProcess, *texts: str) -> str:
 
 
 def _save_step() -> tuple[int, dict]:
-    with open(os.path.join(CONFIGS, "inference.json")) as f:
+    with open(os.path.join(CONFIGS, "inference.json"), encoding="utf-8") as f:
         steps = json.load(f)["postprocessing"]["transforms"]
     i = next(k for k, t in enumerate(steps) if str(t.get("_target_", "")).endswith("SaveImaged"))
     return i, steps[i]
@@ -238,16 +238,16 @@ def test_all_background_label_is_counted_and_logged(template, tmp_path, caplog):
     assert dl["checks"] == {"n_cases": 4, "n_all_background": 1}
     assert f"{path}: the label is all background." in caplog.text
     assert "1 of 4 labels are all background." in caplog.text
-    saved = json.loads((tmp_path / "run" / "datalist.json").read_text())
+    saved = json.loads((tmp_path / "run" / "datalist.json").read_text(encoding="utf-8"))
     assert saved["checks"]["n_all_background"] == 1
 
 
 def test_empty_training_list(template, tmp_path):
     d = copy_dataset(template, tmp_path / "ds")
     meta_path = os.path.join(d, "dataset.json")
-    meta = json.loads(open(meta_path).read())
+    meta = json.loads(open(meta_path, encoding="utf-8").read())
     meta["training"] = []
-    with open(meta_path, "w") as f:
+    with open(meta_path, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     with pytest.raises(DataError, match=rf"{meta_path} has no labelled cases: its 'training' list is missing or empty"):
         make_datalist(d, str(tmp_path / "run"))
@@ -307,7 +307,7 @@ def test_train_run_with_all_background_label(template, tmp_path, caplog):
     final = torch.load(tmp_path / "runs" / "train" / "checkpoint_final.pt", map_location="cpu", weights_only=True)
     assert final["trainer"]["iteration"] == 1  # it trained
     assert "Engine run resuming from iteration 0" in log  # ignite's line that fails_in_process must not find
-    saved = json.loads((tmp_path / "runs" / "train" / "datalist.json").read_text())
+    saved = json.loads((tmp_path / "runs" / "train" / "datalist.json").read_text(encoding="utf-8"))
     assert saved["checks"] == {"n_cases": 4, "n_all_background": 1}
     assert not leftovers(tmp_path / "runs")
 
@@ -324,11 +324,11 @@ def test_finetune_run_refuses_unreadable_source(template, tmp_path, caplog):
 def test_train_run_refuses_output_under_a_file(template, tmp_path, caplog):
     """The run folder cannot be created (its parent is a file; this stops root too)."""
     blocker = tmp_path / "afile"
-    blocker.write_text("not a folder")
+    blocker.write_text("not a folder", encoding="utf-8")
     out = blocker / "sub"
     fails_in_process(caplog, ["train.json"], str(out), "Not a directory", bundle_root=str(tmp_path),
                      dataset_dir=template, output_dir=str(out))  # fmt: skip
-    assert blocker.read_text() == "not a folder"
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -375,10 +375,10 @@ def test_inference_empty_inputs(tmp_path):
     with pytest.raises(DataError, match=r"hidden holds no images"):
         images_to_segment(str(hidden))
     dl = tmp_path / "datalist.json"
-    dl.write_text(json.dumps({"training": [], "validation": [], "test": []}))
+    dl.write_text(json.dumps({"training": [], "validation": [], "test": []}), encoding="utf-8")
     with pytest.raises(DataError, match=rf"Input '{dl}' holds no images"):
         images_to_segment(str(dl))
-    dl.write_text("{not json")
+    dl.write_text("{not json", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{dl} cannot be read as JSON"):
         images_to_segment(str(dl))
 
@@ -408,7 +408,7 @@ def test_checkpoint_missing_unreadable_foreign_or_other_class_count(tmp_path):
     with pytest.raises(ValueError, match=rf"Checkpoint {empty} holds no network weights"):
         check_checkpoint(str(empty), net)
     for name in ("inference.json", "evaluate.json"):  # the check runs before the evaluator (and after check_release)
-        with open(os.path.join(CONFIGS, name)) as f:
+        with open(os.path.join(CONFIGS, name), encoding="utf-8") as f:
             run = json.load(f)["run"]
         check = [i for i, step in enumerate(run) if step.startswith("$common.inference.check_checkpoint(@ckpt_path")]
         engine = [i for i, step in enumerate(run) if "evaluator.run()" in step]
@@ -466,11 +466,11 @@ def test_inference_run_refuses_output_under_a_file(template, small_ckpt, tmp_pat
     images.mkdir()
     shutil.copy(os.path.join(template, "imagesTr", "case_000.nii.gz"), images)
     blocker = tmp_path / "afile"
-    blocker.write_text("not a folder")
+    blocker.write_text("not a folder", encoding="utf-8")
     out = blocker / "sub"
     fails_in_process(caplog, ["inference.json"], str(out), "Not a directory", bundle_root=str(tmp_path),
                      dataset_dir=str(images), ckpt_path=small_ckpt, output_dir=str(out))  # fmt: skip
-    assert blocker.read_text() == "not a folder" and not leftovers(tmp_path)
+    assert blocker.read_text(encoding="utf-8") == "not a folder" and not leftovers(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -482,7 +482,7 @@ def test_evaluation_refuses_bad_test_case(kind, template, tmp_path):
     case = make_datalist(d, None)["test"][0]
     bad = spoil(case[which], kind)
     dl = tmp_path / "datalist.json"
-    dl.write_text(json.dumps({"training": [], "validation": [], "test": [case]}))
+    dl.write_text(json.dumps({"training": [], "validation": [], "test": [case]}), encoding="utf-8")
     with pytest.raises(DataError) as err:
         load_test_cases(str(dl), "", d, num_classes=2)
     assert str(err.value).startswith(bad) and err.match(message), str(err.value)
@@ -490,14 +490,14 @@ def test_evaluation_refuses_bad_test_case(kind, template, tmp_path):
 
 def test_evaluation_empty_test_list(template, tmp_path):
     dl = tmp_path / "datalist.json"
-    dl.write_text(json.dumps({"training": [], "validation": [], "test": []}))
+    dl.write_text(json.dumps({"training": [], "validation": [], "test": []}), encoding="utf-8")
     with pytest.raises(DataError, match=rf"{dl} has no test cases"):
         load_test_cases(str(dl), "", template)
 
 
 def test_evaluation_output_under_a_file(tmp_path):
     blocker = tmp_path / "afile"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     writer = CaseMetricsWriter(str(blocker / "eval"))
 
     class Engine:
@@ -510,7 +510,7 @@ def test_evaluation_output_under_a_file(tmp_path):
     rows = [{"case": "c", "class": 1, "dice": 1.0, "hd95": 0.0, "assd": 0.0, "empty_pred": False, "empty_ref": False}]
     with pytest.raises(OSError, match=rf"Cannot write {blocker}/eval/metrics.csv"):
         write_results(rows, str(blocker / "eval"))
-    assert blocker.read_text() == "x" and not leftovers(tmp_path)
+    assert blocker.read_text(encoding="utf-8") == "x" and not leftovers(tmp_path)
     with pytest.raises(NotADirectoryError, match="is a file"):
         check_output_dir(str(blocker / "a" / "b"))
     assert check_output_dir(str(tmp_path / "new" / "deeper")) and not (tmp_path / "new").exists()

@@ -42,7 +42,7 @@ def test_train_configs_pass_monai_property_checks(files, tiny_dataset, tmp_path)
     paths = [os.path.join(CFG, f) for f in files]
     layer = {}
     for path in paths[1:]:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             layer.update(json.load(f))
     overrides = {"dataset_dir": tiny_dataset, "bundle_root": str(tmp_path), "block_size": [16, 16, 16]}
     vnet = "VNet" in str(layer.get("network_def", {}).get("_target_", ""))
@@ -77,7 +77,7 @@ def tiny_dataset(tmp_path_factory):
 def _run(args: list[str], cwd: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny networks: one thread (more only spin on a shared machine)
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=900,
         env=env,
     )
     if proc.returncode != 0:
@@ -110,7 +110,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert {"model", "optimizer", "lr_decay", "trainer", "best_model", "rng"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["epoch_length"] == 2  # 2 epochs x 2 iterations
     assert "rule" in ckpt["lr_decay"]
-    datalist = json.loads((pre / "datalist.json").read_text())
+    datalist = json.loads((pre / "datalist.json").read_text(encoding="utf-8"))
     assert len(datalist["training"]) + len(datalist["validation"]) + len(datalist["test"]) == 5
 
     proc = _run(

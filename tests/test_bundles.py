@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from _ecosystem import BUNDLE_NAMES, BUNDLES_DIR, ROOT, SMALL, bundle_cmd, run, tiny_dataset
+from _ecosystem import BUNDLE_NAMES, BUNDLES_DIR, FIRST_BUNDLE, ROOT, SMALL, bundle_cmd, run, tiny_dataset
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import render_bundles  # noqa: E402
@@ -65,17 +65,17 @@ def test_an_edit_made_in_a_rendered_config_is_caught_and_a_source_edit_reaches_e
     shutil.copytree(BUNDLES_DIR, tree, ignore=shutil.ignore_patterns("runs", "data", "__pycache__"))
     name = BUNDLE_NAMES[0]
     path = os.path.join(tree, name, "configs", "train.json")
-    config = json.loads(open(path).read())
+    config = json.loads(open(path, encoding="utf-8").read())
     config["base_lr"] = 0.5  # a fix made in one committed bundle, not at its source
-    open(path, "w").write(json.dumps(config, indent=4) + "\n")
+    open(path, "w", encoding="utf-8").write(json.dumps(config, indent=4) + "\n")
     diff = render_bundles.differences(name, tree)
     assert diff == [f"{name}/configs/train.json: differs from its source (bundles/_template + {name}/scenario.json)"]
 
     # one edit of the scenario reaches every config that has the id, and rendering writes nothing else
     scenario_path = os.path.join(tree, name, "scenario.json")
-    scenario = json.loads(open(scenario_path).read())
+    scenario = json.loads(open(scenario_path, encoding="utf-8").read())
     scenario["params"]["pixdim"] = [1.25, 1.25, 1.25]
-    open(scenario_path, "w").write(json.dumps(scenario))
+    open(scenario_path, "w", encoding="utf-8").write(json.dumps(scenario))
     rendered = render_bundles.render_bundle(name, tree)
     with_pixdim = [rel for rel, text in rendered.items() if rel.endswith(".json") and "pixdim" in json.loads(text)]
     assert {"configs/train.json", "configs/inference.json", "configs/rsim.json"} <= set(with_pixdim)
@@ -83,7 +83,7 @@ def test_an_edit_made_in_a_rendered_config_is_caught_and_a_source_edit_reaches_e
 
     # a param that no config has is refused (a typo would otherwise be ignored)
     scenario["params"]["pixdimm"] = [1, 1, 1]
-    open(scenario_path, "w").write(json.dumps(scenario))
+    open(scenario_path, "w", encoding="utf-8").write(json.dumps(scenario))
     with pytest.raises(render_bundles.RenderError, match="pixdimm"):
         render_bundles.render_bundle(name, tree)
 
@@ -98,7 +98,7 @@ def test_check_properties_of_train_and_inference_workflows(name, data, tmp_path)
                            bundle_root=str(tmp_path), **SMALL_OVERRIDES, **plain)  # fmt: skip
     train.initialize()
     assert train.check_properties() == []
-    assert train.max_epochs == json.loads(open(cfg(name, "train.json")[0]).read())["max_epochs"]
+    assert train.max_epochs == json.loads(open(cfg(name, "train.json")[0], encoding="utf-8").read())["max_epochs"]
     infer = ConfigWorkflow(config_file=cfg(name, "inference.json"), workflow_type="infer", bundle_root=str(tmp_path),
                            dataset_dir=os.path.join(data, "imagesTr"), **SMALL_OVERRIDES)  # fmt: skip
     infer.initialize()
@@ -111,8 +111,8 @@ def test_metadata_verifies_against_the_schema_kept_in_the_repository(name, tmp_p
 
     meta_file = cfg(name, "metadata.json")[0]
     verify_metadata(meta_file=meta_file, filepath=SCHEMA)  # the schema file exists: nothing is downloaded
-    meta = json.loads(open(meta_file).read())
-    scenario = json.loads(open(os.path.join(BUNDLES_DIR, name, "scenario.json")).read())
+    meta = json.loads(open(meta_file, encoding="utf-8").read())
+    scenario = json.loads(open(os.path.join(BUNDLES_DIR, name, "scenario.json"), encoding="utf-8").read())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == scenario["labels"]  # MONAI Label's labels
     import common
 
@@ -120,7 +120,7 @@ def test_metadata_verifies_against_the_schema_kept_in_the_repository(name, tmp_p
     bad = dict(meta)
     del bad["task"]
     bad_file = tmp_path / "metadata.json"
-    bad_file.write_text(json.dumps(bad))
+    bad_file.write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(Exception):
         verify_metadata(meta_file=str(bad_file), filepath=SCHEMA)
 
@@ -144,7 +144,7 @@ def test_train_inference_evaluate_rsim_share_network_and_preprocessing(name, dat
         "evaluate": cfg(name, "train.json", *mode, "evaluate.json"),
         "rsim": cfg(name, "rsim.json"),
     }
-    with open(os.path.join(data, "dataset.json")) as f:
+    with open(os.path.join(data, "dataset.json"), encoding="utf-8") as f:
         case = json.load(f)["training"][0]
     item = {k: os.path.join(data, case[k]) for k in ("image", "label")}
     images, nets, defs = {}, {}, {}
@@ -167,7 +167,7 @@ def test_train_inference_evaluate_rsim_share_network_and_preprocessing(name, dat
         if images[what][1] is not None:
             assert torch.equal(images[what][1], images[ref][1]), f"{what}: the label is preprocessed differently"
     # and the preprocessing is the one the scenario asks for (voxel size): the image was resampled to pixdim
-    pixdim = json.loads(open(cfg(name, "train.json")[0]).read())["pixdim"]
+    pixdim = json.loads(open(cfg(name, "train.json")[0], encoding="utf-8").read())["pixdim"]
     src = nib.load(item["image"])
     # the grid keeps the extent between the first and the last voxel centre: (n - 1) * spacing / pixdim + 1 voxels
     expected = [(n - 1) * s / p + 1 for n, s, p in zip(src.shape, src.header.get_zooms()[:3], pixdim)]
@@ -199,12 +199,12 @@ def test_command_forms_from_another_working_directory(name, tmp_path):
     proc = run(bundle_cmd("run", "--config_file", as_arg(cfg(name, "train.json", "finetune.json")), *ids(target), *short),
                cwd=str(work))  # fmt: skip
     assert "Loaded source weights from" in proc.stdout + proc.stderr
-    groups = json.loads(open(cfg(name, "train.json")[0]).read()).get("groups") or []
+    groups = json.loads(open(cfg(name, "train.json")[0], encoding="utf-8").read()).get("groups") or []
     out = work / "runs" / ("finetune" + "".join(f"_{g}" for g in groups))
     run(bundle_cmd("run", "evaluating", "--config_file", as_arg(cfg(name, "train.json", "finetune.json", "evaluate.json")),
                    *ids(target), "--pixdim", "[2.0,2.0,2.0]", *SMALL, "--bundle_root", str(work)), cwd=str(work))  # fmt: skip
-    summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert summary["n_cases"] == len(json.loads((out / "datalist.json").read_text())["test"])
+    summary = json.loads((out / "eval" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["n_cases"] == len(json.loads((out / "datalist.json").read_text(encoding="utf-8"))["test"])
     images = os.path.join(target["dataset_dir"], "imagesTr")
     run(bundle_cmd("run", "inference", "--config_file", cfg(name, "inference.json")[0], "--dataset_dir", images,
                    "--ckpt_path", str(out / "model.pt"), "--output_dir", str(work / "pred"), "--pixdim", "[2.0,2.0,2.0]",
@@ -223,7 +223,7 @@ def test_a_failed_run_ends_with_its_reason(tmp_path):
     arr = np.asarray(img.dataobj).copy()
     arr[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(arr, img.affine), bad)
-    name = BUNDLE_NAMES[0]
+    name = FIRST_BUNDLE  # the liver data of tiny_dataset
     proc = run(bundle_cmd("run", "training", "--config_file", cfg(name, "train.json")[0], "--dataset_dir", data,
                           "--bundle_root", str(tmp_path), *SMALL), cwd=str(tmp_path), check=False)  # fmt: skip
     assert proc.returncode != 0
@@ -260,7 +260,7 @@ def test_pretrain_finetune_evaluate_on_the_synthetic_stand_ins(name, tmp_path):
     source = stand_in_overrides(recipe, "pretrain.json", root, **tiny) or target
     small = {**SMALL_OVERRIDES, "pixdim": [2.0, 2.0, 2.0], "max_epochs": 1, "iterations_per_epoch": 2,
              "bundle_root": str(tmp_path), "num_workers": 0}  # fmt: skip
-    train = json.loads(open(cfg(name, "train.json")[0]).read())
+    train = json.loads(open(cfg(name, "train.json")[0], encoding="utf-8").read())
     multitask = train["network_def"]["_target_"].endswith("MultiTaskFCN")
     if multitask:  # every head must see a case: one epoch is every training case once
         small["iterations_per_epoch"] = None
@@ -273,13 +273,13 @@ def test_pretrain_finetune_evaluate_on_the_synthetic_stand_ins(name, tmp_path):
             key = f"heads.{task}.weight"
             assert not torch.equal(init[key], final[key]), f"the head of {task} did not train"
         _workflow(cfg(name, "train.json", "evaluate.json"), **small, **target)
-        summary = json.loads(open(os.path.join(out, "eval", "summary.json")).read())
-        datalist = json.loads(open(os.path.join(out, "datalist.json")).read())
+        summary = json.loads(open(os.path.join(out, "eval", "summary.json"), encoding="utf-8").read())
+        datalist = json.loads(open(os.path.join(out, "datalist.json"), encoding="utf-8").read())
         assert sorted(summary["per_task"]) == sorted({c["task"] for c in datalist["test"]}) == sorted(tasks)
         return
     wf = _workflow(cfg(name, "train.json", "pretrain.json"), **small, **source)
     src_dir = wf.parser.get_parsed_content("output_dir")
-    src_list = json.loads(open(os.path.join(src_dir, "datalist.json")).read())
+    src_list = json.loads(open(os.path.join(src_dir, "datalist.json"), encoding="utf-8").read())
     want = source["dataset_dir"] if isinstance(source["dataset_dir"], list) else [source["dataset_dir"]]
     assert [s["dir"] for s in src_list["sources"]] == [os.path.abspath(d) for d in want]
     wf = _workflow(cfg(name, "train.json", "finetune.json"), **small, **target)
@@ -289,11 +289,11 @@ def test_pretrain_finetune_evaluate_on_the_synthetic_stand_ins(name, tmp_path):
     source_weights = torch.load(os.path.join(src_dir, "model.pt"), weights_only=True)
     assert all(torch.equal(init[k], v) for k, v in source_weights.items()), "fine-tuning did not start from the source"
     _workflow(cfg(name, "train.json", "finetune.json", "evaluate.json"), **small, **target)
-    summary = json.loads(open(os.path.join(out, "eval", "summary.json")).read())
-    datalist = json.loads(open(os.path.join(out, "datalist.json")).read())
+    summary = json.loads(open(os.path.join(out, "eval", "summary.json"), encoding="utf-8").read())
+    datalist = json.loads(open(os.path.join(out, "datalist.json"), encoding="utf-8").read())
     assert summary["n_cases"] == len(datalist["test"]) > 0
     groups = train.get("groups")
     if groups:
         assert {c["group"] for c in datalist["training"] + datalist["test"]} == set(groups)
-    lesion = json.loads(open(cfg(name, "evaluate.json")[0]).read())["lesion_task"]
+    lesion = json.loads(open(cfg(name, "evaluate.json")[0], encoding="utf-8").read())["lesion_task"]
     assert ("f1" in summary) == bool(lesion)

@@ -41,7 +41,7 @@ def test_split_is_deterministic_disjoint_and_70_30(dataset):
 
 def test_datalist_written_with_subsets(dataset, tmp_path):
     d = make_datalist(dataset, str(tmp_path), n_train=3, n_val=2, seed=1)
-    saved = json.loads((tmp_path / "datalist.json").read_text())
+    saved = json.loads((tmp_path / "datalist.json").read_text(encoding="utf-8"))
     assert saved["seed"] == 1 and saved["n_train"] == 3
     assert len(saved["training"]) == 3 and len(saved["validation"]) == 2 and len(saved["test"]) == 3
     all_ids = _ids(d["training"]) + _ids(d["validation"]) + _ids(d["test"])

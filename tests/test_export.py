@@ -101,7 +101,7 @@ def test_ckpt_export_runs_without_common(name, tmp_path):
     lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
     assert lines["shape"] == "(1, 2, 16, 16, 16)"
     assert float(lines["maxdiff"]) <= TS_TOL, lines
-    with open(inference) as f:  # the configs travel inside model.ts
+    with open(inference, encoding="utf-8") as f:  # the configs travel inside model.ts
         assert lines["network_def"] == json.load(f)["network_def"]["_target_"]
 
     # the isolation is real: the same interpreter settings cannot import common

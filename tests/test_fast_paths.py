@@ -34,7 +34,7 @@ CPU = "$torch.device('cpu')"
 
 def _switch_ids() -> list[str]:
     """The ``speed`` entries of train.json that are on by default on CUDA only (``@gpu``)."""
-    with open(TRAIN) as f:
+    with open(TRAIN, encoding="utf-8") as f:
         cfg = json.load(f)
     return sorted(k for k, v in cfg["speed"].items() if v == "@gpu")
 
@@ -312,7 +312,7 @@ def _run_bundle(tiny_dataset, root, switches: dict[str, object], caplog) -> dict
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
     run = root / "runs" / "train"
     model = torch.load(run / "checkpoint_final.pt", map_location="cpu", weights_only=False)["model"]
-    history = json.loads((run / "snapshots" / "history.json").read_text())
+    history = json.loads((run / "snapshots" / "history.json").read_text(encoding="utf-8"))
     return {"model": model, "dice": history["entries"][-1]["val_dice"], "log": caplog.text}
 
 

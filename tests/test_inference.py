@@ -48,7 +48,7 @@ def run_bundle(configs: list[str], cwd, *args: str) -> subprocess.CompletedProce
     config_file = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--meta_file", META, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # tiny networks: one thread
-    return subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, cwd=str(cwd), capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600)
 
 
 def run_in_process(configs: list[str], **overrides) -> None:
@@ -255,10 +255,10 @@ def test_evaluate_writes_csv_and_summary(tmp_path):
         assert 0 < pred.sum() and 0 < ref.sum()
         expected[case["case"]] = (dice_of(pred, ref), brute_force_hd95(pred, ref, (2.0, 2.0, 3.0)))
     datalist = tmp_path / "my_datalist.json"
-    datalist.write_text(json.dumps(split))
+    datalist.write_text(json.dumps(split), encoding="utf-8")
     ckpt = threshold_network_checkpoint(tmp_path / "threshold.pt", [threshold])
     override = tmp_path / "threshold_net.json"
-    override.write_text(json.dumps({"network_def": threshold_network_def(2), "pixdim": [2.0, 2.0, 1.5]}))
+    override.write_text(json.dumps({"network_def": threshold_network_def(2), "pixdim": [2.0, 2.0, 1.5]}), encoding="utf-8")
     proc = run_bundle(
         ["train.json", "evaluate.json", str(override)], tmp_path,
         "--bundle_root", str(tmp_path), "--dataset_dir", ds, "--datalist", str(datalist), "--ckpt_path", ckpt,
@@ -267,7 +267,7 @@ def test_evaluate_writes_csv_and_summary(tmp_path):
     check_ok(proc)
     eval_dir = tmp_path / "runs" / "train" / "eval"
     assert sorted(os.listdir(eval_dir)) == ["metrics.csv", "summary.json"]  # no temporary file left
-    with open(eval_dir / "metrics.csv") as f:
+    with open(eval_dir / "metrics.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["case", "class", "dice", "hd95", "assd", "empty_pred", "empty_ref"]
     test_ids = [c["case"] for c in split["test"]]
@@ -281,7 +281,7 @@ def test_evaluate_writes_csv_and_summary(tmp_path):
         assert float(r["dice"]) == pytest.approx(dsc, rel=1e-12)
         assert float(r["hd95"]) == pytest.approx(hd, rel=1e-9)
         assert float(r["assd"]) > 0.0 and r["empty_pred"] == r["empty_ref"] == "False"
-    summary = json.loads((eval_dir / "summary.json").read_text())
+    summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
     for key in ("n_cases", "n_empty_pred", "n_empty_ref", "dice", "hd95", "assd", "conventions", "checkpoint"):
         assert key in summary, key
     assert summary["n_cases"] == 2 and summary["checkpoint"] == ckpt
@@ -317,7 +317,7 @@ def test_evaluate_multi_class_per_class_summary(tmp_path):
     case = {"image": save_nifti(tmp_path / "img" / "mc.nii.gz", image, aff),
             "label": save_nifti(tmp_path / "img" / "mc_label.nii.gz", label, aff), "case": "mc"}  # fmt: skip
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": [], "validation": [], "test": [case]}))
+    datalist.write_text(json.dumps({"training": [], "validation": [], "test": [case]}), encoding="utf-8")
     ckpt = threshold_network_checkpoint(tmp_path / "three.pt", [-300.0, 375.0])
     wf = ConfigWorkflow(
         config_file=[os.path.join(CONFIGS, "train.json"), os.path.join(CONFIGS, "evaluate.json")], meta_file=META,
@@ -329,7 +329,7 @@ def test_evaluate_multi_class_per_class_summary(tmp_path):
     wf.run()
     wf.finalize()
     eval_dir = tmp_path / "runs" / "train" / "eval"
-    summary = json.loads((eval_dir / "summary.json").read_text())
+    summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["classes"] == [1, 2] and summary["n_cases"] == 1
     by_hand = {1: 0.875, 2: 5 / 6}
     for c in (1, 2):
@@ -340,7 +340,7 @@ def test_evaluate_multi_class_per_class_summary(tmp_path):
         assert 0 < hd <= (spacing[0] if c == 1 else spacing[2])  # every distance <= the shift (a translation)
         assert per["hd95"]["mean"] == pytest.approx(hd, rel=1e-9)
         assert per["n_cases"] == 1 and per["n_empty_pred"] == 0
-    with open(eval_dir / "metrics.csv") as f:
+    with open(eval_dir / "metrics.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(r["case"], r["class"]) for r in rows] == [("mc", "1"), ("mc", "2")]
 
@@ -371,12 +371,12 @@ def test_write_results_lesion_and_empty_cases(tmp_path):
     assert rows[1]["empty_pred"] and math.isinf(rows[1]["hd95"])
     summary = write_results(rows, str(tmp_path), True, hd95_convention="pooled", info={"checkpoint": "x.pt"})
     assert summary["n_cases"] == 2 and summary["n_empty_pred"] == 1
-    with open(tmp_path / "metrics.csv") as f:
+    with open(tmp_path / "metrics.csv", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     cols = ["case", "class", "dice", "hd95", "assd", "tp", "fp", "fn", "f1", "empty_pred", "empty_ref"]
     assert list(table[0]) == cols
     assert table[1]["hd95"] == "inf"
-    data = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no Infinity
+    data = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))  # strict JSON: no Infinity
     assert data["hd95"]["mean"] == "inf" and data["hd95"]["n_inf"] == 1
     assert data["hd95_convention"] == "pooled" and "pooled" in data["conventions"]["hd95"]
     assert data["lesion_totals"] == {"tp": 1, "fp": 1, "fn": 3, "f1_pooled": pytest.approx(2 / 6)}

@@ -46,7 +46,8 @@ START_TIMEOUT = 300
 def _monailabel_python() -> str:
     if not os.path.isfile(ML_PY):
         pytest.skip(f"no MONAI Label environment at {ML_PY}: run `bash tools/setup_monailabel.sh` (or set TLSEG_MONAILABEL_PY)")
-    proc = subprocess.run([ML_PY, "-c", "import monailabel, common"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([ML_PY, "-c", "import monailabel, common"], capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+                          env=_env(ML_PY))  # fmt: skip
     if proc.returncode != 0:
         pytest.skip(f"{ML_PY} cannot import monailabel and common (run tools/setup_monailabel.sh): {proc.stderr.strip()[-300:]}")
     return ML_PY
@@ -57,7 +58,7 @@ def _assert_this_checkout(py: str, cwd: str) -> None:
     another checkout, a wheel): it must be this checkout's, or the test would check other code. Asked from a
     folder without a ``common/`` (as the server runs), with the server's environment."""
     proc = subprocess.run([py, "-c", "import common, os; print(os.path.realpath(os.path.dirname(common.__file__)))"],
-                          capture_output=True, text=True, timeout=300, env=_env(py), cwd=cwd)  # fmt: skip
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=_env(py), cwd=cwd)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported, ours = proc.stdout.strip().splitlines()[-1], os.path.realpath(os.path.join(ROOT, "common"))
     assert imported == ours, (
@@ -68,16 +69,19 @@ def _assert_this_checkout(py: str, cwd: str) -> None:
 
 def _env(py: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # this checkout's common first, whichever checkout (or wheel) the environment had installed last
+    env["PYTHONPATH"] = ROOT
+    env["PYTHONUTF8"] = "1"
     env["PATH"] = os.path.dirname(py) + os.pathsep + env.get("PATH", "")  # monailabel's own subprocesses (torchrun, python)
     return env
 
 
 def _set_small(config_path: str, **values) -> None:
-    with open(config_path) as f:
+    with open(config_path, encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["network_def"]["features"] = 4
     cfg.update(values)
-    with open(config_path, "w") as f:
+    with open(config_path, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=4)
 
 
@@ -109,7 +113,7 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
     env = _env(py)
     apps = tmp_path / "apps"
     subprocess.run([py, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
-                   check=True, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))  # fmt: skip
+                   check=True, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env, cwd=str(tmp_path))  # fmt: skip
     app = apps / "monaibundle"
     bdir = copy_bundle(str(app / "model" / FIRST_BUNDLE))
     _set_small(os.path.join(bdir, "configs", "inference.json"), block_size=[16, 16, 16])
@@ -133,7 +137,7 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
         "--conf", "models", FIRST_BUNDLE, "--conf", "zoo_source", "ngc", "--conf", "sam2", "false",
         "--conf", "preload", "false", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
     try:
         deadline = time.time() + START_TIMEOUT

@@ -50,7 +50,7 @@ def test_torchrun_two_cpu_ranks(tmp_path):
         pytest.fail(f"{name} has no configs/multi_gpu_train.json")
     data = tiny_dataset(str(tmp_path / "ds"), 6)  # split: 2 train, 2 validation, 2 test -> one case of each per rank
     overlay = tmp_path / "rank_markers.json"
-    overlay.write_text(json.dumps(OVERLAY))
+    overlay.write_text(json.dumps(OVERLAY), encoding="utf-8")
     logs = tmp_path / "torchrun_logs"
     out = tmp_path / "out"
     cmd = [
@@ -88,12 +88,12 @@ def test_torchrun_two_cpu_ranks(tmp_path):
     assert {"train_loss", "lr", "val_mean_dice"} <= set().union(*(_scalar_tags(p) for p in events))
 
     rank_logs = {
-        int(os.path.basename(os.path.dirname(p))): open(p).read()
+        int(os.path.basename(os.path.dirname(p))): open(p, encoding="utf-8").read()
         for p in glob.glob(str(logs / "*" / "attempt_0" / "*" / "stdout.log"))
     }
     assert sorted(rank_logs) == [0, 1]
     final_path = str(run_dir / "checkpoint_final.pt")
     assert "Epoch: 1/1, Iter: 2/2" in rank_logs[0] and final_path in rank_logs[0]
     assert "Iter:" not in rank_logs[1] and final_path not in rank_logs[1]
-    assert json.loads((run_dir / "datalist.json").read_text())["n_train"] == 2
+    assert json.loads((run_dir / "datalist.json").read_text(encoding="utf-8"))["n_train"] == 2
     assert not os.listdir(work), "the run wrote into the working directory"

@@ -46,7 +46,7 @@ def write_dataset(root, n, labels=(0, 1), channels=1, groups=None, splits=None, 
         entries.append(e)
     meta = {"name": os.path.basename(root), "modality": modality or {"0": "CT"}, "labels": {"0": "background", "1": "x"},
             "training": entries}  # fmt: skip
-    with open(os.path.join(root, "dataset.json"), "w") as f:
+    with open(os.path.join(root, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f)
     return root
 

@@ -41,7 +41,7 @@ def _save(path, array: np.ndarray, affine: np.ndarray) -> str:
 
 def _out(tmp_path, name: str) -> tuple[str, dict]:
     out = str(tmp_path / name)
-    meta = json.loads(open(os.path.join(out, "dataset.json")).read())
+    meta = json.loads(open(os.path.join(out, "dataset.json"), encoding="utf-8").read())
     return out, meta
 
 
@@ -89,7 +89,7 @@ def _msd_task(root, n_cases=2):
         "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
         "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
         "numTraining": n_cases, "training": training,
-    }))
+    }), encoding="utf-8")
     return aff
 
 
@@ -365,7 +365,7 @@ def test_bad_inputs_stop_or_skip(tmp_path, capsys):
     rc = prepare_data.main(["lits", "--source", str(src), "--output", out, "--skip_bad"])
     captured = capsys.readouterr()
     assert rc == 0
-    meta = json.loads(open(os.path.join(out, "dataset.json")).read())
+    meta = json.loads(open(os.path.join(out, "dataset.json"), encoding="utf-8").read())
     assert [e["case"] for e in meta["training"]] == ["lits_000"] and meta["numTraining"] == 1
     skipped = {s["case"]: s["problem"] for s in meta["skipped"]}
     assert set(skipped) == {"lits_001", "lits_002", "lits_003"}
@@ -395,7 +395,7 @@ def test_kill_then_rerun_resumes(tmp_path):
         _save(src / f"segmentation-{n}.nii", lab, aff)
     out = str(tmp_path / "out")
     convert("lits", str(src), out)  # a previous complete dataset
-    before = open(os.path.join(out, "dataset.json")).read()
+    before = open(os.path.join(out, "dataset.json"), encoding="utf-8").read()
     cmd = [sys.executable, TOOL, "lits", "--source", str(src), "--output", out, "--label_map", "1:1"]
     env = dict(os.environ, **{TEST_DELAY_ENV: "2"})
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -413,10 +413,10 @@ def test_kill_then_rerun_resumes(tmp_path):
     proc.wait()
     done = recorded()
     assert 1 <= len(done) < 6
-    assert open(os.path.join(out, "dataset.json")).read() == before  # the previous dataset is untouched
+    assert open(os.path.join(out, "dataset.json"), encoding="utf-8").read() == before  # the previous dataset is untouched
     staged = {c[:-5]: os.stat(os.path.join(out + ".partial", "imagesTr", c[:-5] + ".nii.gz")).st_mtime_ns for c in done}
     assert prepare_data.main(cmd[2:]) == 0  # the same command again
-    meta = json.loads(open(os.path.join(out, "dataset.json")).read())
+    meta = json.loads(open(os.path.join(out, "dataset.json"), encoding="utf-8").read())
     assert meta["numTraining"] == 6 and meta["prepared_by"]["job"]["label_map"] == "1:1"
     assert not os.path.exists(out + ".partial") and not os.path.exists(out + ".previous")
     assert not os.path.exists(os.path.join(out, ".prepare"))
@@ -456,7 +456,7 @@ def test_kill_between_the_final_renames(tmp_path, monkeypatch, capsys):
     convert("lits", str(src), out, name="second")
     log = capsys.readouterr().out
     assert "Restored the previous dataset" in log and log.count("already converted by an earlier run") == 2
-    assert json.loads(open(os.path.join(out, "dataset.json")).read())["name"] == "second"
+    assert json.loads(open(os.path.join(out, "dataset.json"), encoding="utf-8").read())["name"] == "second"
     assert not os.path.exists(out + ".previous") and not os.path.exists(out + ".partial")
 
 
@@ -475,7 +475,7 @@ def _case_files(root, name, shape=(12, 10, 8), label_value=1, nan=False, label_s
 
 
 def test_inhouse_documented_example_is_accepted(tmp_path, capsys):
-    with open(os.path.join(ROOT, "docs", "prepare_data.md")) as f:
+    with open(os.path.join(ROOT, "docs", "prepare_data.md"), encoding="utf-8") as f:
         assert EXAMPLE_CSV.strip() in f.read()
     import common.inhouse
 
@@ -483,23 +483,23 @@ def test_inhouse_documented_example_is_accepted(tmp_path, capsys):
     root = tmp_path / "fetal"
     for i in range(1, 5):
         _case_files(root, f"fetus{i:02d}")
-    (root / "cases.csv").write_text(EXAMPLE_CSV)
+    (root / "cases.csv").write_text(EXAMPLE_CSV, encoding="utf-8")
     out = str(tmp_path / "CP")
     assert prepare_data.main(["inhouse", "--source", str(root / "cases.csv"), "--output", out, "--task", "cp"]) == 0
     meta = read_decathlon(out)
     # read_decathlon takes an entry's own "case" (the list's case column) as its id, else the image file's name
     assert [c["case"] for c in meta["training"]] == [f"fetus{i:02d}" for i in range(1, 5)]
-    saved = json.loads(open(os.path.join(out, "dataset.json")).read())
+    saved = json.loads(open(os.path.join(out, "dataset.json"), encoding="utf-8").read())
     assert [e["group"] for e in saved["training"]] == ["younger", "younger", "older", "older"]
     assert saved["groups"] == {"younger": 2, "older": 2} and saved["labels"]["1"] == "cortical plate"
     assert saved["training"][0]["image"] == str(root / "images" / "fetus01_t2.nii.gz")  # in place
     rows = [dict(zip(("image", "label", "group", "case"), r.split(","))) for r in EXAMPLE_CSV.split()[1:]]
-    (root / "cases.json").write_text(json.dumps(rows))  # the JSON form of the same list
+    (root / "cases.json").write_text(json.dumps(rows), encoding="utf-8")  # the JSON form of the same list
     cases, _, groups = check_inhouse(str(root / "cases.json"), "cp")
     assert [c["case"] for c in cases] == ["fetus01", "fetus02", "fetus03", "fetus04"] and groups == ["younger", "older"]
     out2 = str(tmp_path / "CPcopy")
     prepare_inhouse(str(root / "cases.csv"), out2, "cp", copy=True)
-    copied = json.loads(open(os.path.join(out2, "dataset.json")).read())
+    copied = json.loads(open(os.path.join(out2, "dataset.json"), encoding="utf-8").read())
     assert copied["training"][2]["image"] == "./imagesTr/fetus03.nii.gz"
     assert os.path.getsize(os.path.join(out2, "imagesTr", "fetus03.nii.gz")) == os.path.getsize(root / "images" / "fetus03_t2.nii.gz")
 
@@ -515,7 +515,7 @@ def test_inhouse_reports_every_bad_case(tmp_path):
         _case_files(root, name, **kw)
         rows.append(f"images/{name}_t2.nii.gz,labels/{name}_cp.nii.gz,{groups[name]}")
     rows.append("images/missing_t2.nii.gz,labels/missing_cp.nii.gz,center1")
-    (root / "cases.csv").write_text("\n".join(rows) + "\n")
+    (root / "cases.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as ex:
         check_inhouse(str(root / "cases.csv"), "tsc")
     msg = str(ex.value)
@@ -533,7 +533,7 @@ def test_inhouse_reports_every_bad_case(tmp_path):
     assert "ok1" not in msg and "ok2" not in msg and "6 problem(s) in 7" in msg
     # --groups narrows the required groups; --labels widens the classes
     keep = rows[:1] + [r for r in rows if "ok1" in r or "ok2" in r or "range" in r]
-    (root / "sub.csv").write_text("\n".join(keep) + "\n")
+    (root / "sub.csv").write_text("\n".join(keep) + "\n", encoding="utf-8")
     cases, labels, req = check_inhouse(str(root / "sub.csv"), "tsc", labels="0:background,1:lesion,2:tuber",
                                        groups=["center1", "center2", "center3"])
     assert len(cases) == 3 and labels["2"] == "tuber" and req == ["center1", "center2", "center3"]

@@ -53,7 +53,7 @@ def _env() -> dict:
 
 
 def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
@@ -98,19 +98,19 @@ def test_kill_mid_epoch_then_resume_finish_and_extend(data, uninterrupted, tmp_p
     ckpt = os.path.join(out, "checkpoint.pt")
     cmd = _cmd(data, root, epochs=4)
     log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
         deadline = time.time() + 400
         # kill in the middle of epoch 2 (iterations 5..8), once a checkpoint past iteration 4 exists
         while time.time() < deadline and proc.poll() is None:
-            text = log_path.read_text()
+            text = log_path.read_text(encoding="utf-8")
             done = [int(e) * 4 - 4 + int(i) for e, i in re.findall(r"Epoch: (\d+)/\d+, Iter: (\d+)/4", text)]
             if os.path.isfile(ckpt) and done and max(done) >= 6:
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    text = log_path.read_text()
+    text = log_path.read_text(encoding="utf-8")
     done = [int(e) * 4 - 4 + int(i) for e, i in re.findall(r"Epoch: (\d+)/\d+, Iter: (\d+)/4", text)]
     assert done and max(done) < 16, "the run finished before it could be killed"
     killed_at = max(done)
@@ -158,7 +158,7 @@ def test_same_seed_gives_bit_identical_weights_and_a_run_record(data, uninterrup
     for root in roots:
         out = os.path.join(root, "runs", "train")
         states.append(_final_model(root))
-        info = json.loads(open(os.path.join(out, "run_info.json")).read())
+        info = json.loads(open(os.path.join(out, "run_info.json"), encoding="utf-8").read())
         assert info["seed"] == 7 and info["versions"]["torch"] == torch.__version__
         assert os.path.isfile(os.path.join(out, "configs", "train.json"))
         assert os.path.isfile(os.path.join(out, "datalist.json"))
@@ -202,7 +202,7 @@ def test_resumed_run_keeps_its_best_model(data, tmp_path):
         wf.finalize()
 
     train(2, foreground=True)
-    history = json.loads((root / "runs" / "train" / "snapshots" / "history.json").read_text())["entries"]
+    history = json.loads((root / "runs" / "train" / "snapshots" / "history.json").read_text(encoding="utf-8"))["entries"]
     dsc = [e["val_dice"] for e in history if e["epoch"] > 0]
     assert dsc[0] > 0 and dsc[1] == dsc[0], dsc  # epoch 1 is the best (a tie does not replace it)
     best = model.read_bytes()
@@ -212,7 +212,7 @@ def test_resumed_run_keeps_its_best_model(data, tmp_path):
     train(3, foreground=False)  # resumed at iteration 4: epoch 3 trains the weights further, validates at DSC 0
     final = torch.load(root / "runs" / "train" / "checkpoint_final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 6
-    history = json.loads((root / "runs" / "train" / "snapshots" / "history.json").read_text())["entries"]
+    history = json.loads((root / "runs" / "train" / "snapshots" / "history.json").read_text(encoding="utf-8"))["entries"]
     assert [e["val_dice"] for e in history if e["epoch"] == 3] == [0.0]
     assert model.read_bytes() == best, "a worse model after the resume replaced model.pt"
     # control: started over (another seed: other weights), a fresh tracker saves its first validation, DSC 0

@@ -24,7 +24,7 @@ def write_holder(folder, **fields):
     holder = {"host": platform.node(), "pid": 1, "pid_start": None, "since": "2026-01-01T00:00:00", "argv": ["x"],
               "token": "t"}  # fmt: skip
     holder.update(fields)
-    with open(os.path.join(folder, LOCK_FILE), "w") as f:
+    with open(os.path.join(folder, LOCK_FILE), "w", encoding="utf-8") as f:
         json.dump(holder, f)
     return os.path.join(folder, LOCK_FILE)
 
@@ -42,7 +42,7 @@ def test_a_live_holder_on_this_host_blocks_and_is_named(tmp_path):
         sleeper.wait()
     # the same lock file, now that its holder is dead: taken over
     lock = RunFolderLock(str(tmp_path)).acquire()
-    with open(os.path.join(tmp_path, LOCK_FILE)) as f:
+    with open(os.path.join(tmp_path, LOCK_FILE), encoding="utf-8") as f:
         assert json.load(f)["pid"] == os.getpid()
     lock.release()
     assert not os.path.exists(os.path.join(tmp_path, LOCK_FILE))

@@ -34,37 +34,48 @@ def _mtimes(root: str) -> dict[str, float]:
     return out
 
 
+def _done(root: str) -> list[str]:
+    """The jobs the study's own bookkeeping (``study.json``) marks done."""
+    try:
+        with open(os.path.join(root, "study.json"), encoding="utf-8") as f:
+            jobs = json.load(f)["jobs"]
+    except (OSError, ValueError, KeyError):  # not written yet, or being replaced
+        return []
+    return [name for name, job in jobs.items() if job.get("status") == "done"]
+
+
 @pytest.mark.slow
 def test_a_killed_study_resumes_without_redoing_finished_runs_and_reports(tmp_path):
     out = str(tmp_path / "study")
     cmd = [*STUDY, "--out", out, "--seeds", "0", "1", "--modes", "ri", "tl", "frozen", *TINY]
-    first = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
     try:
         deadline = time.time() + 900
-        while len(_mtimes(out)) < 3:  # the source model and two target runs finished
+        while len(_done(out)) < 3:  # the source model and two target runs trained and evaluated
             assert first.poll() is None, first.stdout.read()[-3000:]
             assert time.time() < deadline
             time.sleep(0.5)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    before = _mtimes(out)
+    before, done = _mtimes(out), _done(out)  # a run killed while its snapshots were evaluated: trained, not done
+    assert set(done) <= set(before)
     proc = run(cmd, cwd=str(tmp_path), timeout=1800)
-    assert f"{len(before)} already done (skipped)" in proc.stdout, proc.stdout[-2000:]
+    assert f"{len(done)} already done (skipped)" in proc.stdout, proc.stdout[-2000:]
     after = _mtimes(out)
     assert all(after[name] == t for name, t in before.items()), "a finished run was trained again"
-    state = json.loads(open(os.path.join(out, "study.json")).read())
+    state = json.loads(open(os.path.join(out, "study.json"), encoding="utf-8").read())
     jobs = plan_jobs(StudySettings(**state["settings"]))
     assert len(jobs) == 7 and all(state["jobs"][j.name]["status"] == "done" for j in jobs)
-    report = open(os.path.join(out, "report", "report.md")).read()
+    report = open(os.path.join(out, "report", "report.md"), encoding="utf-8").read()
     for label in ("| R.I. | 2 |", "| T.L. | 2 |", "| frozen random encoder | 2 |", "scipy.stats.ttest_rel", "T.L. converges faster"):
         assert label in report, label
     assert os.path.getsize(os.path.join(out, "report", "curves_nall.png")) > 1000
-    with open(os.path.join(out, "report", "runs.csv")) as f:
+    with open(os.path.join(out, "report", "runs.csv"), encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["mode"] for r in rows} == {"ri", "tl", "frozen"}
     for job in jobs[1:]:  # every snapshot evaluated on the test split, stamped with iterations and training seconds
-        with open(os.path.join(job.run_dir, "curve.csv")) as f:
+        with open(os.path.join(job.run_dir, "curve.csv"), encoding="utf-8") as f:
             curve = list(csv.DictReader(f))
         assert [int(r["epoch"]) for r in curve] == [0, 1, 2]
         assert [int(r["iteration"]) for r in curve] == [0, 2, 4]
@@ -83,7 +94,7 @@ def test_submitit_local_executor_runs_the_study(tmp_path):
     out = str(tmp_path / "study")
     run([*STUDY, "--out", out, "--seeds", "0", "--modes", "ri", "tl", "--analyses", "none", "--executor", "submitit-local",
          *TINY], cwd=str(tmp_path), timeout=1800)  # fmt: skip
-    state = json.loads(open(os.path.join(out, "study.json")).read())
+    state = json.loads(open(os.path.join(out, "study.json"), encoding="utf-8").read())
     assert {k: v["status"] for k, v in state["jobs"].items()} == {"pretrain": "done", "ri_nall_s0": "done", "tl_nall_s0": "done"}
     assert os.path.isdir(os.path.join(out, "submitit")) and os.path.isfile(os.path.join(out, "report", "report.md"))
 
@@ -95,7 +106,7 @@ def test_the_study_folder_has_one_writer_and_one_set_of_settings(tmp_path):
     try:
         import platform
 
-        with open(os.path.join(tmp_path, LOCK_FILE), "w") as f:
+        with open(os.path.join(tmp_path, LOCK_FILE), "w", encoding="utf-8") as f:
             json.dump({"host": platform.node(), "pid": sleeper.pid, "since": "2026-12-02T08:00:00", "token": "x"}, f)
         with pytest.raises(RunFolderBusy, match=f"Study folder {tmp_path} is in use by host .*PID {sleeper.pid}"):
             run_study(settings)
@@ -103,7 +114,7 @@ def test_the_study_folder_has_one_writer_and_one_set_of_settings(tmp_path):
         sleeper.kill()
         sleeper.wait()
     os.unlink(os.path.join(tmp_path, LOCK_FILE))
-    with open(os.path.join(tmp_path, "study.json"), "w") as f:
+    with open(os.path.join(tmp_path, "study.json"), "w", encoding="utf-8") as f:
         json.dump({"settings": {"seeds": [5]}, "jobs": {}}, f)
     with pytest.raises(ValueError, match="records a study with other settings"):
         run_study(settings)

@@ -51,7 +51,7 @@ def _read(path: str) -> np.ndarray:
 
 
 def _meta(dataset_dir: str) -> dict:
-    with open(os.path.join(dataset_dir, "dataset.json")) as f:
+    with open(os.path.join(dataset_dir, "dataset.json"), encoding="utf-8") as f:
         return json.load(f)
 
 

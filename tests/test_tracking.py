@@ -35,7 +35,7 @@ def tracked_run(tmp_path_factory):
     cfg = os.path.join(BUNDLES_DIR, FIRST_BUNDLE, "configs")
     data = tiny_dataset(str(tmp / "ds"), 4)
     overlay = tmp / "constant_loss.json"
-    overlay.write_text(json.dumps(CONSTANT_LOSS_OVERLAY))
+    overlay.write_text(json.dumps(CONSTANT_LOSS_OVERLAY), encoding="utf-8")
     out = tmp / "out"
     args = [
         "run", "--config_file", f"['{cfg}/train.json','{cfg}/progress_bar.json','{overlay}']",

@@ -314,7 +314,7 @@ def test_val_dice_decay_in_a_bundle_run_reads_the_current_validation(tmp_path, c
     wf.finalize()
     assert inferer.calls == len(schedule)  # one validation case, validated every epoch
     run = tmp_path / "runs" / "train"
-    dsc = {e["epoch"]: e["val_dice"] for e in json.loads((run / "snapshots" / "history.json").read_text())["entries"]}
+    dsc = {e["epoch"]: e["val_dice"] for e in json.loads((run / "snapshots" / "history.json").read_text(encoding="utf-8"))["entries"]}
     d = [dsc[k] for k in range(1, len(schedule) + 1)]
     assert d[0] > 0 and d[2] == 0.0 and d[0] == d[1] == d[3] == d[4], d
     # the rule, from the validation DSCs: decay at the end of window k >= 2 when DSC(k) < 0.995 DSC(k - 1)

@@ -14,13 +14,20 @@ Subcommands (each writes CSV and Markdown/PNG into --out; see common/analysis.py
 
 A RUN is a run folder, a run name under --runs_dir (default <bundle>/runs), or LABEL=PATH. The runs
 must have been trained with the bundle's SnapshotSaver (save_snapshots true, the default).
+
+Probes (--probe): conv (default) records the output of the last convolution of each of the six probed blocks,
+before its activation (the paper's "values of the convolutional layer neurons"; the filter pictures show the
+same convolutions); residual records the blocks' outputs (the residual sums). The blocks have the runs'
+training block size unless --block_size is given; every layer gets >= --points_per_channel (1000) data points
+per channel; every table prints the random floor (RSIM of independent Gaussians of the same shapes). Each
+network is forwarded once per command (its sampled activations are kept; --no_cache to recompute per pair).
 The network and the preprocessing come from the bundle's training config (--config, default
 <bundle>/configs/train.json) with the same overrides as training (--set KEY=VALUE, e.g.
 --set network_def#features=4).
 
 Example (tiny runs):
   python tools/analyze.py --bundle bundles/liver_ct_from_liver_mri --set network_def#features=4 \\
-      --block_size 16 --n_blocks 2 --points_per_channel 4 --out runs/analysis evolution train finetune
+      --n_blocks 2 --points_per_channel 100 --out runs/analysis evolution train finetune
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BUNDLE = os.path.join(REPO, "bundles", "liver_ct_from_liver_mri")
@@ -71,11 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", default=None,
                    help="images for the blocks: datalist/dataset JSON, folder or file (default: test cases of the first run)")
     g.add_argument("--layers", default=None, help="comma-separated probe layers (default: encoder-1..3, decoder-1..3)")
-    g.add_argument("--block_size", type=_block, default=[96, 96, 96], help="N or N,N,N, divisible by 8 (default: 96)")
-    g.add_argument("--n_blocks", type=int, default=8, help="blocks per comparison (default: %(default)s)")
-    g.add_argument("--points_per_channel", type=int, default=100, help="data points per channel and layer (default: %(default)s)")
-    g.add_argument("--max_blocks", type=int, default=256, help="most blocks drawn per comparison (default: %(default)s)")
-    g.add_argument("--chunk", type=int, default=8, help="networks compared with one reference per pass (default: %(default)s)")
+    g.add_argument("--probe", choices=["conv", "residual"], default="conv",
+                   help="conv: last convolution of each probed block, before its activation (default); "
+                        "residual: the block outputs (residual sums)")
+    g.add_argument("--block_size", type=_block, default=None,
+                   help="N or N,N,N, divisible by 8 (default: the runs' training block size, else the config's)")
+    g.add_argument("--n_blocks", type=int, default=8, help="blocks per layer at least (default: %(default)s)")
+    g.add_argument("--points_per_channel", type=int, default=1000,
+                   help="data points per channel (of the wider side) and layer (default: %(default)s)")
+    g.add_argument("--max_blocks", type=int, default=4096, help="most blocks per layer (default: %(default)s)")
+    g.add_argument("--chunk", type=int, default=8, help=argparse.SUPPRESS)
+    g.add_argument("--no_cache", action="store_true",
+                   help="forward both networks of every pair again instead of keeping each network's activations")
+    g.add_argument("--cache_gib", type=float, default=1.0,
+                   help="RAM for the kept activations in GiB; beyond it they go to a temporary folder (default: %(default)s)")
+    g.add_argument("--floor_draws", type=int, default=5,
+                   help="draws of independent Gaussians per random-floor value (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of blocks and voxel subsampling (default: %(default)s)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--which", default="convergence",
@@ -129,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from common.io import utf8_console
+
+    utf8_console()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from common import analysis, capture, figures
 
@@ -139,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     setup = capture.make_setup(
         config, dict(args.overrides), images=args.images, layers=args.layers, block_size=args.block_size,
         n_blocks=args.n_blocks, points_per_channel=args.points_per_channel, max_blocks=args.max_blocks,
-        seed=args.seed, device=args.device, chunk=args.chunk, progress=not args.quiet,
+        seed=args.seed, device=args.device, chunk=args.chunk, progress=not args.quiet, probe=args.probe,
+        cache=not args.no_cache, cache_bytes=int(args.cache_gib * (1 << 30)), floor_draws=args.floor_draws,
     )
     kw = {"runs_dir": runs_dir}
     cmd = args.command
+    t0 = time.perf_counter()
     if cmd == "evolution":
         analysis.evolution(setup, args.runs, out, direction=args.direction, **kw)
     elif cmd == "similarity":
@@ -163,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     elif cmd == "all":
         analysis.run_analyses(setup, "all", out, evolution_runs=args.evolution or args.ri + args.tl, ri_runs=args.ri,
                               tl_runs=args.tl, reuse_title=args.title, alpha=args.alpha, which=which, **kw)
+    if cmd not in ("all", "filter_change", "filters", "feature_maps"):
+        from common.io import write_json
+
+        info = analysis.analysis_info(setup, {cmd: round(time.perf_counter() - t0, 3)})
+        write_json(os.path.join(out, "analysis_info.json"), info)
     print(f"Outputs in {os.path.abspath(out)}")
     return 0
 

@@ -62,7 +62,7 @@ def _maxrss_bytes() -> int:
 
 
 def _rss_now_bytes() -> int:
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         env = dict(os.environ)
         if args.fixed_mmap_threshold:
             env["MALLOC_MMAP_THRESHOLD_"] = str(MIB)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
             raise SystemExit(f"measurement with overlap {ov} failed (rc {proc.returncode})")

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--one_mode", mode] + [
             a for a in (argv if argv is not None else sys.argv[1:])
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
             return proc.returncode

@@ -72,7 +72,7 @@ def bundle_version(bundle_dir: str) -> str:
     meta_path = os.path.join(bundle_dir, "configs", "metadata.json")
     if not os.path.isfile(meta_path):
         raise PackagingError(f"{bundle_dir} is not a bundle: {meta_path} is missing.")
-    with open(meta_path) as f:
+    with open(meta_path, encoding="utf-8") as f:
         try:
             meta = json.load(f)
         except json.JSONDecodeError as err:
@@ -136,7 +136,7 @@ def common_version(common_dir: str = COMMON_DIR) -> str:
     import re
 
     path = os.path.join(common_dir, "__init__.py")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         m = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
     if not m:
         raise PackagingError(f"{path} has no __version__.")
@@ -215,14 +215,14 @@ def package_bundles(
     index_path = os.path.join(output_dir, "model_info.json")
     index: dict[str, dict[str, str]] = {}
     if merge_index and os.path.isfile(index_path):
-        with open(index_path) as f:
+        with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
     written: dict[str, dict[str, str]] = {}
     code_version = common_version()
     for name in names:
         bdir = os.path.join(bundles_dir, name)
         version = bundle_version(bdir)
-        with open(os.path.join(bdir, "configs", "metadata.json")) as f:
+        with open(os.path.join(bdir, "configs", "metadata.json"), encoding="utf-8") as f:
             wanted = json.load(f).get("required_packages_version", {}).get(CODE_PACKAGE)
         if wanted != code_version:
             raise PackagingError(
@@ -237,7 +237,7 @@ def package_bundles(
         has_model = f"{name}/models/model.pt" in members
         print(f"{zip_path}: {len(members)} files, sha256 {entry['checksum']}" + ("" if has_model else " (no models/model.pt)"))
     index.update(written)
-    with open(index_path, "w") as f:
+    with open(index_path, "w", encoding="utf-8") as f:
         json.dump(dict(sorted(index.items())), f, indent=4, sort_keys=True)
         f.write("\n")
     print(f"{index_path}: {len(index)} entries")

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns 0, or 2 for a bad input (the message names the file and the problem)."""
     args = build_parser().parse_args(argv)
+    from common.io import utf8_console
+
+    utf8_console()
     try:
         if args.dataset == "inhouse":
             groups = [g for g in args.groups.split(",") if g.strip()] if args.groups else None

@@ -72,7 +72,7 @@ class RenderError(Exception):
 
 def _load(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise RenderError(f"{path}: cannot be read as JSON: {err}") from err
@@ -203,7 +203,7 @@ def render_bundle(name: str, bundles_dir: str = BUNDLES_DIR) -> dict[str, str]:
     files = {f"configs/{n}": dump(c) for n, c in configs.items()}
     files["configs/metadata.json"] = dump(render_metadata(scenario, template_dir))
     for src, dst in VERBATIM.items():
-        with open(os.path.join(template_dir, src)) as f:
+        with open(os.path.join(template_dir, src), encoding="utf-8") as f:
             files[dst] = f.read()
     return files
 
@@ -224,7 +224,7 @@ def differences(name: str, bundles_dir: str = BUNDLES_DIR) -> list[str]:
         if not os.path.isfile(path):
             diff.append(f"{name}/{rel}: missing")
         else:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 if f.read() != text:
                     diff.append(f"{name}/{rel}: differs from its source (bundles/_template + {name}/{SCENARIO_FILE})")
     cfg = os.path.join(bdir, "configs")
@@ -243,7 +243,7 @@ def write_bundle(name: str) -> list[str]:
     files = render_bundle(name)
     for rel, text in files.items():
         path = os.path.join(bdir, rel)
-        old = open(path).read() if os.path.isfile(path) else None
+        old = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
         if old != text:
             write_text(path, text)
             changed.append(rel)
