@@ -178,7 +178,7 @@ def _analysis_results(settings: Any, jobs: Sequence[Any], root: str) -> dict[str
         return {}
     files = [os.path.join(settings.bundle_dir, "configs", "train.json")]
     overrides = {k: v for k, v in settings.overrides.items() if k.startswith(("network_def", "pixdim", "modality", "block_size"))}
-    setup = make_setup(files, overrides, **{"progress": False, **settings.analysis_overrides})
+    setup = make_setup(files, overrides, **{"progress": True, **settings.analysis_overrides})
     out = os.path.join(root, "analysis")
     return analysis.run_analyses(setup, settings.analyses, out, evolution_runs=evo, ri_runs=ri, tl_runs=tl,
                                  filter_runs=ri[:1] + tl[:1], picture_runs=ri[:1] + tl[:1],

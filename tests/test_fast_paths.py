@@ -319,8 +319,9 @@ def _run_bundle(tiny_dataset, root, switches: dict[str, object], caplog) -> dict
 def test_bundle_plain_path_bit_identical_and_cuda_defaults_run_on_cpu(tiny_dataset, tmp_path, caplog):
     """Every switch off, twice (in one process; tests/test_resume.py runs the same command twice in two): bit-identical
     weights (the plain path; it was also checked bit-identical to the configs before the fast paths existed). Every switch at its CUDA default on a CPU: the run completes
-    (autocast('cuda') and the scaler disable themselves, the cache stays in CPU memory) and its validation
-    DSC is within 0.01 of the plain run's."""
+    (the cache stays in CPU memory) and its validation
+    DSC is within 0.01 of the plain run's: on a CPU ``amp`` is the network's forward under CPU bf16 autocast (MONAI's
+    engines autocast for CUDA only and are left without it), so this is also bf16 against float32 on the same run."""
     switch_ids = _switch_ids()
     assert {"amp", "channels_last", "cudnn_benchmark", "cache_on_gpu", "thread_loader", "noise_on_device",
             "strip_meta"} <= set(switch_ids)  # fmt: skip
@@ -332,6 +333,43 @@ def test_bundle_plain_path_bit_identical_and_cuda_defaults_run_on_cpu(tiny_datas
     for k in plain1["model"]:
         assert torch.equal(plain1["model"][k], plain2["model"][k]), k
     fast_run = _run_bundle(tiny_dataset, tmp_path / "fast", on, caplog)
-    assert "AMP in bfloat16: no gradient scaling" in fast_run["log"]
+    assert "Network forward under CPU autocast (torch.bfloat16)" in fast_run["log"]
     assert fast_run["model"].keys() == plain1["model"].keys()
     assert np.isfinite(fast_run["dice"]) and abs(fast_run["dice"] - plain1["dice"]) <= 0.01
+
+
+def test_cpu_autocast_wraps_the_forward_keeps_the_keys_and_stays_close_to_float32(tmp_path):
+    """``speed#amp`` on a CPU: the forward runs in bfloat16 (MONAI's engines autocast for CUDA only), the state-dict
+    keys are unchanged, and the logits stay within bf16's precision of the float32 ones (8-bit mantissa: 2^-8 per
+    rounding; relative error of the logits well under 10 % through the network's ~50 layers)."""
+    from common.execution import autocast_on_cpu, cpu_bf16_native, prepare_network
+    from common.networks import KarimiFCN
+
+    torch.manual_seed(0)
+    net = KarimiFCN(features=4).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    keys = list(net.state_dict())
+    same = prepare_network(net, "cpu", {"amp": True})
+    assert same is net and list(net.state_dict()) == keys
+    seen = []
+    hook = net.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad():
+        out = net(x)
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert 0 < rel < 0.1, rel
+    autocast_on_cpu(net)  # idempotent: one wrapper
+    assert not hasattr(net.forward.__wrapped__, "__tlseg_cpu_autocast__")
+    # off: the plain path
+    plain = prepare_network(KarimiFCN(features=4), "cpu", {"amp": False})
+    assert "forward" not in vars(plain)
+    # the CPU flag reader
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n", encoding="utf-8")
+    assert cpu_bf16_native(str(info))
+    info.write_text("processor : 0\nflags : fpu sse avx2\n", encoding="utf-8")
+    assert not cpu_bf16_native(str(info)) and not cpu_bf16_native(str(tmp_path / "missing"))
+    assert isinstance(cpu_bf16_native(), bool)

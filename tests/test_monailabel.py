@@ -106,8 +106,38 @@ def _assert_published(served: str, best: str, before_inode: int) -> None:
     assert os.stat(served).st_ino != before_inode, "models/model.pt was not replaced"
 
 
+def _served_labels(bundle_dir: str) -> dict:
+    """The labels MONAI Label shows for a bundle: ``metadata.json``'s output ``channel_def`` without the background."""
+    with open(os.path.join(bundle_dir, "configs", "metadata.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    out = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return {name: int(k) for k, name in out.items() if int(k) != 0}
+
+
+def _datastore(tmp_path, name: str) -> tuple[str, str]:
+    """4 synthetic cases of the bundle's own target data (its stand-ins) as a MONAI Label datastore
+    (images + ``labels/final``); returns ``(studies folder, the first image's id)``."""
+    from common.standins import read_recipe, stand_in_overrides
+
+    if name == FIRST_BUNDLE:
+        ds = tiny_dataset(str(tmp_path / "ds"), 4)
+    else:
+        ds = stand_in_overrides(read_recipe(os.path.join(ROOT, "bundles", name)), "train.json", str(tmp_path / "ds"),
+                                shape=(24, 24, 16), spacing=(2.0, 2.0, 3.0))["dataset_dir"]  # fmt: skip
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    images = sorted(os.listdir(os.path.join(ds, "imagesTr")))[:4]
+    for f in images:
+        shutil.copy(os.path.join(ds, "imagesTr", f), studies)
+        shutil.copy(os.path.join(ds, "labelsTr", f), studies / "labels" / "final")
+    return str(studies), images[0].split(".")[0]
+
+
 @pytest.mark.slow
-def test_monailabel_serves_and_trains_the_bundle(tmp_path):
+@pytest.mark.parametrize("name", [FIRST_BUNDLE, "tsc_from_brats"])
+def test_monailabel_serves_and_trains_the_bundle(tmp_path, name):
+    """The organ bundle: infer, train, and train through the multi-GPU path; the lesion bundle (TSC lesions, a
+    grouped dataset, lesion metrics): infer and train."""
     py = _monailabel_python()
     _assert_this_checkout(py, str(tmp_path))
     env = _env(py)
@@ -115,26 +145,20 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
     subprocess.run([py, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
                    check=True, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env, cwd=str(tmp_path))  # fmt: skip
     app = apps / "monaibundle"
-    bdir = copy_bundle(str(app / "model" / FIRST_BUNDLE))
+    bdir = copy_bundle(str(app / "model" / name), name)
     _set_small(os.path.join(bdir, "configs", "inference.json"), block_size=[16, 16, 16])
     _set_small(os.path.join(bdir, "configs", "train.json"), block_size=[16, 16, 16], iterations_per_epoch=2)
     ckpt = os.path.join(bdir, "models", "model.pt")
     torch.save(small_network(all_foreground=True).state_dict(), ckpt)
     served_before = os.stat(ckpt).st_ino
-
-    ds = tiny_dataset(str(tmp_path / "ds"), 4)
-    studies = tmp_path / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
-    for i in range(4):
-        shutil.copy(os.path.join(ds, "imagesTr", f"case_{i:03d}.nii.gz"), studies)
-        shutil.copy(os.path.join(ds, "labelsTr", f"case_{i:03d}.nii.gz"), studies / "labels" / "final")
+    studies, first = _datastore(tmp_path, name)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
     cmd = [
-        py, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-        "--conf", "models", FIRST_BUNDLE, "--conf", "zoo_source", "ngc", "--conf", "sam2", "false",
+        py, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", studies,
+        "--conf", "models", name, "--conf", "zoo_source", "ngc", "--conf", "sam2", "false",
         "--conf", "preload", "false", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with open(log_path, "w", encoding="utf-8") as log:
@@ -151,43 +175,45 @@ def test_monailabel_serves_and_trains_the_bundle(tmp_path):
             except OSError:
                 pass
             time.sleep(2)
-        server_log = lambda: log_path.read_text(errors="replace")[-6000:]  # noqa: E731
+        server_log = lambda: log_path.read_text(encoding="utf-8", errors="replace")[-6000:]  # noqa: E731
         assert info is not None, f"server did not start (exit {server.poll()}):\n{server_log()}"
-        assert FIRST_BUNDLE in info["models"], info["models"]
-        assert info["models"][FIRST_BUNDLE]["labels"] == {"liver": 1}  # metadata.json channel_def, background dropped
-        assert FIRST_BUNDLE in info["trainers"], "trainer not loaded"
+        assert name in info["models"], info["models"]
+        assert info["models"][name]["labels"] == _served_labels(bdir)  # metadata.json channel_def, background dropped
+        assert name in info["trainers"], "trainer not loaded"
 
-        status, body = _request(f"{base}/infer/{FIRST_BUNDLE}?image=case_000&output=image", method="POST")
+        status, body = _request(f"{base}/infer/{name}?image={first}&output=image", method="POST")
         assert status == 200, f"infer: HTTP {status} {body[:300]!r}\n{server_log()}"
         pred_path = tmp_path / "pred.nii.gz"
         pred_path.write_bytes(body)
-        pred, image = nib.load(str(pred_path)), nib.load(str(studies / "case_000.nii.gz"))
-        assert pred.shape == image.shape
+        pred, image = nib.load(str(pred_path)), nib.load(os.path.join(studies, f"{first}.nii.gz"))
+        assert pred.shape == image.shape[:3]
         np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
         seg = np.asarray(pred.dataobj)
         assert (seg == 1).mean() > 0.99, f"not the checkpoint's output: {np.unique(seg, return_counts=True)}"
 
         request = {"max_epochs": 1, "val_split": 0.25, "device": "cpu", "multi_gpu": False, "pretrained": True}
-        status, body = _request(f"{base}/train/{FIRST_BUNDLE}?run_sync=true", method="POST", body=request, timeout=900)
+        status, body = _request(f"{base}/train/{name}?run_sync=true", method="POST", body=request, timeout=900)
         assert status == 200, f"train: HTTP {status} {body[:300]!r}\n{server_log()}"
-        log_text = log_path.read_text(errors="replace")
+        log_text = log_path.read_text(encoding="utf-8", errors="replace")
         assert f"Restored all variables from {ckpt}" in log_text, server_log()
         assert "Training Finished" in log_text, server_log()
-        run_dir = os.path.join(bdir, "runs", "train")
+        (run_dir,) = [os.path.join(bdir, "runs", d) for d in os.listdir(os.path.join(bdir, "runs"))]
         final = torch.load(os.path.join(run_dir, "checkpoint_final.pt"), map_location="cpu")
         assert final["trainer"]["iteration"] == 2 and final["trainer"]["max_epochs"] == 1
         assert os.path.isfile(os.path.join(run_dir, "model.pt"))
         _assert_published(ckpt, os.path.join(run_dir, "model.pt"), served_before)
         served_before = os.stat(ckpt).st_ino
+        if name != FIRST_BUNDLE:
+            return
 
         # MONAI Label's multi-GPU path, forced on the CPU: torchrun with ['monailabel_train.json',
         # 'multi_gpu_train.json'] (gloo backend on two CPU ranks). Under MONAI Label there is no resume: the
         # run starts again from the served models/model.pt (the one the first training published) and runs
         # both epochs, 4 iterations, in the same run folder.
         request.update(max_epochs=2, multi_gpu=True, force_multi_gpu=True, gpus="0,1")
-        status, body = _request(f"{base}/train/{FIRST_BUNDLE}?run_sync=true", method="POST", body=request, timeout=900)
+        status, body = _request(f"{base}/train/{name}?run_sync=true", method="POST", body=request, timeout=900)
         assert status == 200, f"multi-GPU train: HTTP {status} {body[:300]!r}\n{server_log()}"
-        log_text = log_path.read_text(errors="replace")
+        log_text = log_path.read_text(encoding="utf-8", errors="replace")
         assert "multi_gpu_train.json" in log_text and "--nproc_per_node=2" in log_text, server_log()
         assert "Return code: 0" in log_text, server_log()
         assert log_text.count("Training Finished") == 2, server_log()

@@ -47,7 +47,8 @@ def _done(root: str) -> list[str]:
 @pytest.mark.slow
 def test_a_killed_study_resumes_without_redoing_finished_runs_and_reports(tmp_path):
     out = str(tmp_path / "study")
-    cmd = [*STUDY, "--out", out, "--seeds", "0", "1", "--modes", "ri", "tl", "frozen", *TINY]
+    # two local workers: the parallel path, and a kill -9 that must take the workers and their trainings with it
+    cmd = [*STUDY, "--out", out, "--seeds", "0", "1", "--modes", "ri", "tl", "frozen", "--workers", "2", *TINY]
     first = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
     try:
         deadline = time.time() + 900

@@ -44,8 +44,17 @@ QUICK = {
     "val_interval": 1,
     "checkpoint_interval": 25,
     "n_val": 1,
+    # bf16 autocast where the CPU computes bf16 natively (5.4x the float32 step on such a CPU, docs/benchmarks.md);
+    # float32 elsewhere (emulated bf16 is slower)
+    "speed#amp": "$@gpu or common.execution.cpu_bf16_native()",
 }
 QUICK_PRETRAIN = {"max_epochs": 16}
+#: ``--quick``: the representation analyses forward each network (every snapshot of the evolution runs) through
+#: at most 12 test blocks instead of the up to 4,096 that 1,000 points per channel of the deepest probes need at
+#: 16^3 blocks (2^3 voxels per block there): about 1 s per network on a CPU instead of minutes. The deep layers
+#: then have fewer points than channels; the report prints the random floor of those very shapes beside each
+#: RSIM value, and the analyses warn about every layer short of points.
+QUICK_ANALYSIS = {"max_blocks": 12}
 
 
 def _value(text: str):
@@ -103,9 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cpus", type=int, default=8, help="CPUs per SLURM job")
     r.add_argument("--mem_gb", type=int, default=64, help="memory per SLURM job (GB)")
     args = p.parse_args(argv)
+    import logging
+
     from common.io import utf8_console
 
     utf8_console()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from common.study import StudySettings, run_study
 
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle_dir=os.path.abspath(bundle), out_dir=os.path.abspath(args.out), n_train=sizes, seeds=args.seeds,
         modes=args.modes, overrides=overrides, target=target, source=source, pretrain_overrides=pretrain_overrides,
         source_checkpoint=os.path.abspath(args.source_checkpoint) if args.source_checkpoint else None, analyses=[] if args.analyses == "none" else args.analyses,
-        description=description.strip(),
+        description=description.strip(), analysis_overrides=dict(QUICK_ANALYSIS) if args.quick else {},
     )  # fmt: skip
     slurm = {"partition": args.partition, "gpus": args.gpus, "timeout_min": args.time, "cpus": args.cpus, "mem_gb": args.mem_gb}
     state = run_study(settings, executor=args.executor, slurm=slurm, workers=args.workers)
