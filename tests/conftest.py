@@ -10,3 +10,17 @@ import os
 
 os.environ.setdefault("PYTHONUTF8", "1")
 os.environ.setdefault("PYTHONIOENCODING", "utf-8")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks and tensors: one torch thread (more only spin-wait on a shared 2-core machine). Modules ask
+    for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

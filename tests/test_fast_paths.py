@@ -49,13 +49,7 @@ def _net(features: int = 4, dropout: float = 0.1, seed: int = 0) -> KarimiFCN:
     return KarimiFCN(features=features, dropout=dropout)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is enough, and spares a shared 2-core machine the OpenMP spin-waits."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

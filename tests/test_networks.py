@@ -14,13 +14,7 @@ from common import transfer
 from common.networks import PROBE_NAMES, KarimiFCN, VNet, build_network, count_convs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one torch thread (more only spin on a shared 2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _expected_parameter_count(f: int = 14, c_in: int = 1, c_out: int = 2) -> tuple[int, int]:

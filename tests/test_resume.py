@@ -25,13 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "bundles", "liver_ct_from_liver_mri", "configs")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks (the in-process runs): one torch thread (more only spin on a shared 2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
