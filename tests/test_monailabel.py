@@ -1,5 +1,6 @@
 # Copyright (c) the tlseg authors. Licensed under the Apache License, Version 2.0.
-"""The bundle in MONAI Label's `monaibundle` app: a real server on 127.0.0.1, one inference and one short training.
+"""Bundles in MONAI Label's `monaibundle` app: a real server on 127.0.0.1, one inference and one short training, for
+the liver bundle (also through the multi-GPU path) and for the TSC lesion bundle (its own synthetic data).
 
 MONAI Label 0.8.5 lives in its own environment (it needs torchvision, pins numpy < 2 and pydicom < 3), made by
 ``bash tools/setup_monailabel.sh`` (default ``~/.cache/tlseg/monailabel-venv``). The test uses the interpreter

@@ -41,11 +41,9 @@ def _version(bundle_dir: str) -> str:
         return json.load(f)["version"]
 
 
-@pytest.fixture
-def bundles_tree(tmp_path):
+def _make_tree(tree) -> str:
     """A bundles folder holding a copy of every bundle, each with a small checkpoint in models/, and in the first
     the clutter a training run leaves (which must not be packed)."""
-    tree = tmp_path / "bundles"
     for name in BUNDLE_NAMES:
         d = copy_bundle(str(tree / name), name)
         torch.save(small_network(all_foreground=True).state_dict(), os.path.join(d, "models", "model.pt"))
@@ -57,6 +55,12 @@ def bundles_tree(tmp_path):
         with open(path, "w", encoding="utf-8") as f:
             f.write("junk")
     return str(tree)
+
+
+@pytest.fixture
+def bundles_tree(tmp_path):
+    """See :func:`_make_tree`."""
+    return _make_tree(tmp_path / "bundles")
 
 
 def test_help():
@@ -217,31 +221,34 @@ def isolated_python(venv_dir) -> str:
     return python
 
 
-# One bundle per kind of data the configs read (every bundle's packing is checked above, and every bundle trains
-# on its stand-ins in test_bundles): a single dataset, a grouped multi-lesion pool with a picked MR channel, and
-# the ten-task network.
-TRAINED_AFTER_DOWNLOAD = [FIRST_BUNDLE, "tsc_from_brats", "multitask"]
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory):
+    """Every bundle packaged once, served on 127.0.0.1 and fetched with ``monai.bundle download --url`` by a Python
+    that cannot import this repository; returns ``(that python, the download folder, the bundles tree)``."""
+    root = tmp_path_factory.mktemp("downloaded")
+    tree = _make_tree(root / "bundles")
+    python = isolated_python(root / "venv")
+    with serve_directory(str(root / "www")) as (base_url, _):
+        package_bundles.main(["--bundles_dir", tree, "--output_dir", str(root / "www"), "--base_url", f"{base_url}/"])
+        for name in BUNDLE_NAMES:
+            version = _version(os.path.join(tree, name))
+            run([python, "-m", "monai.bundle", "download", "--name", name, "--url", f"{base_url}/{name}_v{version}.zip",
+                 "--bundle_dir", str(root / "dl")], cwd=str(root), timeout=300)  # fmt: skip
+    return python, root / "dl", tree
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TRAINED_AFTER_DOWNLOAD)
-def test_downloaded_bundle_trains_one_epoch_without_this_repository(name, bundles_tree, tmp_path):
-    """Package, serve on 127.0.0.1, ``monai.bundle download --url``, then ``run training`` for one epoch from the
-    downloaded folder on the bundle's own synthetic stand-ins, in a Python that cannot import this repository,
-    from another folder."""
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_downloaded_bundle_trains_one_epoch_without_this_repository(name, downloaded, tmp_path):
+    """Every bundle, downloaded (see ``downloaded``): ``run training`` for one epoch from the downloaded folder on
+    the bundle's own synthetic stand-ins, in a Python that cannot import this repository, from another folder."""
     from common.standins import read_recipe, stand_in_overrides
 
-    data = stand_in_overrides(read_recipe(os.path.join(bundles_tree, name)), "train.json", str(tmp_path / "data"),
+    python, dl, tree = downloaded
+    data = stand_in_overrides(read_recipe(os.path.join(tree, name)), "train.json", str(tmp_path / "data"),
                               shape=(24, 24, 16), spacing=(2.0, 2.0, 3.0))  # fmt: skip
     data_args = [x for k, v in data.items() for x in (f"--{k}", v if isinstance(v, str) else repr(v))]
-    python = isolated_python(tmp_path / "venv")
-    with serve_directory(str(tmp_path / "www")) as (base_url, _):
-        package_bundles.main(["--bundles_dir", bundles_tree, "--output_dir", str(tmp_path / "www"), "--base_url", f"{base_url}/",
-                              "--names", name])  # fmt: skip
-        version = _version(os.path.join(bundles_tree, name))
-        run([python, "-m", "monai.bundle", "download", "--name", name, "--url", f"{base_url}/{name}_v{version}.zip",
-             "--bundle_dir", str(tmp_path / "dl")], cwd=str(tmp_path), timeout=300)  # fmt: skip
-    bdir = tmp_path / "dl" / name
+    bdir = dl / name
     work = tmp_path / "cwd"
     work.mkdir()
     proc = run(
