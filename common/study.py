@@ -334,15 +334,15 @@ def _run_local_parallel(todo: Sequence[Job], log_dir: str, workers: int, finishe
     held = [j for j in todo if j not in ready]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:  # fmt: skip
-        running = {pool.submit(run_job, asdict(j), log_dir): (j, None) for j in ready}
+        running = {pool.submit(run_job, asdict(j), log_dir): j for j in ready}
         while running:
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
-                job, _ = running.pop(fut)
+                job = running.pop(fut)
                 record = fut.result()  # its own clock: the time it waited in the queue is not the job's
                 finished(job, record, record.get("command_seconds", 0.0) + record.get("evaluation_seconds", 0.0))
                 if job.mode == "pretrain":
-                    running.update({pool.submit(run_job, asdict(j), log_dir): (j, None) for j in held})
+                    running.update({pool.submit(run_job, asdict(j), log_dir): j for j in held})
                     held = []
 
 
