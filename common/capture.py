@@ -1008,10 +1008,14 @@ class AnalysisSetup:
 
     # ------------------------------------------------------------------ pieces
     def network_factory(self) -> nn.Module:
-        """A fresh network of the runs' architecture (random or template weights)."""
-        if isinstance(self._network, nn.Module):
-            return copy.deepcopy(unwrap(self._network)).cpu()
-        return self._network()
+        """A fresh network of the runs' architecture (template weights: every caller loads its own weights).
+
+        A factory is called once and its network copied afterwards: building the paper's network draws its
+        He-truncated-normal initialisation, about 1.5 s on a CPU, which was half the time of an evolution
+        analysis that loads one snapshot after another into it."""
+        if not isinstance(self._network, nn.Module):
+            self._network = self._network()
+        return copy.deepcopy(unwrap(self._network)).cpu()
 
     def network(self, weights: str | Mapping[str, torch.Tensor] | nn.Module | None = None) -> nn.Module:
         """A fresh network in eval mode on ``device``, with ``weights`` (a file, a state dict or a module) loaded."""

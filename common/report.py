@@ -163,6 +163,11 @@ def plot_curves(jobs: Sequence[Any], sizes: Sequence[Any], modes: Sequence[str],
     return paths
 
 
+#: The ids of a study's overrides that the analyses take over from the target runs: the network and what the
+#: preprocessing does to an image (the analyses must see the images the networks were trained on).
+ANALYSIS_IDS = ("network_def", "pixdim", "modality", "ct_window", "block_size")
+
+
 def _analysis_results(settings: Any, jobs: Sequence[Any], root: str) -> dict[str, Any]:
     """The representation analyses across the study's runs (largest size, every seed)."""
     from . import analysis
@@ -177,7 +182,8 @@ def _analysis_results(settings: Any, jobs: Sequence[Any], root: str) -> dict[str
     if not (ri and tl):
         return {}
     files = [os.path.join(settings.bundle_dir, "configs", "train.json")]
-    overrides = {k: v for k, v in settings.overrides.items() if k.startswith(("network_def", "pixdim", "modality", "block_size"))}
+    given = {**settings.overrides, **settings.target}  # what the target runs were trained with
+    overrides = {k: v for k, v in given.items() if k.startswith(ANALYSIS_IDS)}
     setup = make_setup(files, overrides, **{"progress": True, **settings.analysis_overrides})
     out = os.path.join(root, "analysis")
     return analysis.run_analyses(setup, settings.analyses, out, evolution_runs=evo, ri_runs=ri, tl_runs=tl,

@@ -4,7 +4,7 @@
 * :class:`NormalizeModality` / :class:`NormalizeModalityd`: the paper's intensity normalisation
   (Section II-A) chosen by modality, so that one config serves CT and MR runs (the ``modality`` id):
   CT: Hounsfield units in ``[-1000, 1000]`` mapped linearly to ``[0, 1]``, clipped (MONAI's
-  ``ScaleIntensityRange``); MR: each image divided by the (population) standard deviation of its voxels
+  ``ScaleIntensityRange``; another window through the bundles' ``ct_window`` id); MR: each image divided by the (population) standard deviation of its voxels
   (MONAI's ``NormalizeIntensity(subtrahend=0)``). Unlike MONAI, a constant image (standard deviation 0) or
   one holding NaN/inf voxels is refused with an error naming its file, instead of passing through
   unscaled or as NaN.
@@ -27,7 +27,7 @@ config, so MONAI Label and readers see every step.
 from __future__ import annotations
 
 import json
-from typing import Any, Hashable, Mapping
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from monai.transforms import Spacingd as _MonaiSpacingd
 
 __all__ = [
     "CT_WINDOW",
+    "ABDOMEN_CT_WINDOW",
     "NormalizeModality",
     "NormalizeModalityd",
     "CheckFinited",
@@ -52,26 +53,43 @@ LABEL_MAP_META = "tlseg_label_map"
 
 #: The paper's CT window in Hounsfield units, mapped to [0, 1].
 CT_WINDOW = (-1000.0, 1000.0)
+#: The radiologists' abdominal soft-tissue window (width 400 HU, level 40 HU): the quick studies' CT window
+#: (``tools/study.py --quick``). With the paper's window a 70 HU organ contrast is 0.035 of the input range, on top
+#: of an offset of about 0.5; the paper's network, without normalisation layers, then needs thousands of Adam
+#: steps before it segments by intensity (measured in docs/benchmarks.md, "Quick study").
+ABDOMEN_CT_WINDOW = (-160.0, 240.0)
+
+
+def _check_window(window: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"ct_window must be two numbers (low, high) in HU, got {window!r}.") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"ct_window must be (low, high) in HU with low < high, got {window!r}.")
+    return lo, hi
 
 
 class NormalizeModality(Transform):
     """Intensity normalisation by modality.
 
     Args:
-        modality: ``"CT"`` (window ``CT_WINDOW`` -> ``[0, 1]``, clipped) or ``"MR"``/``"MRI"`` (divide by the
+        modality: ``"CT"`` (window ``ct_window`` -> ``[0, 1]``, clipped) or ``"MR"``/``"MRI"`` (divide by the
             image's standard deviation). Case-insensitive.
+        ct_window: ``(low, high)`` in Hounsfield units mapped to ``[0, 1]`` for CT (default: the paper's
+            :data:`CT_WINDOW`); a model must be run with the window it was trained with.
 
     Input and output: an image array/tensor of any shape; the output is float32.
     """
 
-    def __init__(self, modality: str) -> None:
+    def __init__(self, modality: str, ct_window: Sequence[float] = CT_WINDOW) -> None:
         m = str(modality).upper()
         if m == "MRI":
             m = "MR"
         if m not in ("CT", "MR"):
             raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}.")
         self.modality = m
-        lo, hi = CT_WINDOW
+        lo, hi = self.ct_window = _check_window(ct_window)
         self._ct = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
         self._mr = NormalizeIntensity(subtrahend=0.0)
 
@@ -106,22 +124,22 @@ class NormalizeModalityd(MapTransform):
     file (from the MetaTensor's ``filename_or_obj``): the CT window would keep NaN (a silently wrong
     segmentation) and the MR normalisation would fail without naming the file. An item carrying its own
     ``modality_key`` entry (a multi-task pool's case, :func:`common.data.make_datalist`) is normalised for that
-    modality; the entry is removed from the item.
+    modality (a CT one with ``ct_window``); the entry is removed from the item.
     """
 
     def __init__(
         self, keys: KeysCollection, modality: str, allow_missing_keys: bool = False, check_finite: bool = True,
-        modality_key: str = "modality",
+        modality_key: str = "modality", ct_window: Sequence[float] = CT_WINDOW,
     ) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
-        self.normalizer = NormalizeModality(modality)
+        self.normalizer = NormalizeModality(modality, ct_window)
         self.check_finite = check_finite
         self.modality_key = modality_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         own = d.pop(self.modality_key, None)  # a multi-task pool's case names its dataset's modality
-        normalizer = self.normalizer if own is None else NormalizeModality(own)
+        normalizer = self.normalizer if own is None else NormalizeModality(own, self.normalizer.ct_window)
         for key in self.key_iterator(d):
             if self.check_finite:
                 _check_finite(d[key], key)

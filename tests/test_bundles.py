@@ -166,8 +166,21 @@ def test_train_inference_evaluate_rsim_share_network_and_preprocessing(name, dat
         assert torch.equal(images[what][0], images[ref][0]), f"{what}: the image is preprocessed differently"
         if images[what][1] is not None:
             assert torch.equal(images[what][1], images[ref][1]), f"{what}: the label is preprocessed differently"
+    # the ct_window id reaches the preprocessing of every layout: for a CT bundle the abdominal window's image is
+    # the default window's image mapped linearly from [-160, 240] HU to [0, 1] and clipped
+    train_cfg = json.loads(open(cfg(name, "train.json")[0], encoding="utf-8").read())
+    if train_cfg["modality"] == "CT":
+        hu = images[ref][0] * 2000.0 - 1000.0
+        expected = ((hu + 160.0) / 400.0).clamp(0.0, 1.0)
+        for what in ("train", "inference"):
+            parser = ConfigParser()
+            parser.read_config(layouts[what])
+            parser.update({**SMALL_OVERRIDES, "ct_window": [-160.0, 240.0]})
+            given = {"image": item["image"]} if what == "inference" else dict(item)
+            out = torch.as_tensor(parser.get_parsed_content("preprocessing")(given)["image"]).float()
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)  # float32 rounding of a 2000 HU range
     # and the preprocessing is the one the scenario asks for (voxel size): the image was resampled to pixdim
-    pixdim = json.loads(open(cfg(name, "train.json")[0], encoding="utf-8").read())["pixdim"]
+    pixdim = train_cfg["pixdim"]
     src = nib.load(item["image"])
     # the grid keeps the extent between the first and the last voxel centre: (n - 1) * spacing / pixdim + 1 voxels
     expected = [(n - 1) * s / p + 1 for n, s, p in zip(src.shape, src.header.get_zooms()[:3], pixdim)]

@@ -151,6 +151,23 @@ def test_normalisation_by_modality():
         NormalizeModality("PET")
 
 
+def test_ct_window_is_a_setting():
+    """``ct_window`` (the bundles' id): (low, high) HU -> [0, 1], clipped; the abdominal window W400 L40 puts the
+    level 40 HU at 0.5 and the 70 HU liver contrast at 70 / 400 of the range; bad windows are refused."""
+    from common.transforms import ABDOMEN_CT_WINDOW, NormalizeModalityd
+
+    ct = torch.tensor([-1000.0, -160.0, 40.0, 110.0, 240.0, 1000.0])
+    out = torch.as_tensor(NormalizeModality("CT", ct_window=ABDOMEN_CT_WINDOW)(ct))
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 0.5, 0.675, 1.0, 1.0]), rtol=1e-6, atol=1e-7)
+    # the dictionary transform passes it on, also to a pooled case that names its own modality
+    d = NormalizeModalityd("image", "MR", ct_window=(-160, 240))({"image": ct.clone(), "modality": "CT"})
+    torch.testing.assert_close(torch.as_tensor(d["image"]), out, rtol=1e-6, atol=1e-7)
+    assert "modality" not in d
+    for bad in ((240, -160), (0, 0), (0, float("nan")), (1,), "wide"):
+        with pytest.raises(ValueError, match="ct_window"):
+            NormalizeModality("CT", ct_window=bad)
+
+
 def test_synthetic_dataset_layout_and_domain_shift(tmp_path):
     ct = make_dataset(str(tmp_path / "ct"), 2, PhantomSpec(modality="CT", shape=(24, 24, 12), spacing=(1.5, 1.5, 3.0)), seed=0)
     mr = make_dataset(str(tmp_path / "mr"), 2, PhantomSpec(modality="MR", shape=(24, 24, 12), spacing=(1.5, 1.5, 3.0)), seed=0)

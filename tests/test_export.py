@@ -25,8 +25,15 @@ import torch
 
 from _ecosystem import BUNDLE_NAMES, BUNDLES_DIR, SMALL, bundle_cmd, run, small_network
 
-TS_TOL = 1e-5
-ONNX_TOL = 1e-4
+#: Exported against eager outputs, relative to the outputs' largest magnitude: float32 rounding through the 52
+#: convolutions, summed in another order by another kernel (another process, ONNX Runtime), on any CPU.
+TS_RTOL = 1e-5
+ONNX_RTOL = 1e-4
+
+
+def _tolerance(rtol: float, expected) -> float:
+    return rtol * max(1.0, float(abs(expected).max()))
+
 SHAPE = (1, 1, 16, 16, 16)
 
 
@@ -104,6 +111,7 @@ def test_ckpt_export_runs_without_common(name, tmp_path):
             out = model(io["x"])
         print("shape", tuple(out.shape))
         print("maxdiff", float((out - io["expected"]).abs().max()))
+        print("scale", float(io["expected"].abs().max()))
         print("version", json.loads(extra["metadata.json"])["version"])
         print("network_def", json.loads(extra["inference.json"])["network_def"]["_target_"])
         """
@@ -112,7 +120,7 @@ def test_ckpt_export_runs_without_common(name, tmp_path):
     proc = run([sys.executable, "-I", "-S", "-c", script], cwd=str(elsewhere), timeout=300, env=env)
     lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
     assert lines["shape"] == "(1, 2, 16, 16, 16)"
-    assert float(lines["maxdiff"]) <= TS_TOL, lines
+    assert float(lines["maxdiff"]) <= TS_RTOL * max(1.0, float(lines["scale"])), lines
     with open(inference, encoding="utf-8") as f:  # the configs travel inside model.ts
         assert lines["network_def"] == json.load(f)["network_def"]["_target_"]
 
@@ -144,4 +152,4 @@ def test_onnx_export_matches_checkpoint(name, tmp_path):
     with torch.no_grad():
         expected = net(x).numpy()
     assert out.shape == expected.shape
-    assert abs(out - expected).max() <= ONNX_TOL
+    assert abs(out - expected).max() <= _tolerance(ONNX_RTOL, expected)

@@ -119,3 +119,41 @@ def test_the_study_folder_has_one_writer_and_one_set_of_settings(tmp_path):
         json.dump({"settings": {"seeds": [5]}, "jobs": {}}, f)
     with pytest.raises(ValueError, match="records a study with other settings"):
         run_study(settings)
+
+
+def test_the_analyses_see_the_images_the_runs_were_trained_on(tmp_path, monkeypatch):
+    """The report's analyses build their preprocessing from the study's overrides: a quick study's CT window and
+    voxel size must reach it (a network trained on one CT window and probed on another reads other images)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    import common.analysis
+    import common.capture
+    from common import report
+    from common.study import Job
+    from common.synthetic import PhantomSpec, make_dataset
+
+    data = make_dataset(str(tmp_path / "ct"), 1, PhantomSpec(modality="CT", shape=(24, 24, 12)), seed=0)
+    with open(os.path.join(data, "dataset.json"), encoding="utf-8") as f:
+        case = {k: os.path.join(data, v) for k, v in json.load(f)["training"][0].items()}
+    bundle = os.path.join(ROOT, "bundles", FIRST_BUNDLE)
+    train = os.path.join(bundle, "configs", "train.json")
+    settings = StudySettings(bundle_dir=bundle, out_dir=str(tmp_path), seeds=[0],
+                             overrides={"ct_window": [-160.0, 240.0], "base_lr": 3e-4, "block_size": [16, 16, 16]},
+                             target={"pixdim": [3.0, 3.0, 3.0], "dataset_dir": data})  # fmt: skip
+    jobs = [Job(f"{m}_s0", m, None, 0, [train], {}, str(tmp_path / m)) for m in ("ri", "tl")]
+    seen = {}
+    monkeypatch.setattr(common.capture, "make_setup", lambda files, overrides, **kw: seen.update(files=files, overrides=overrides))
+    monkeypatch.setattr(common.analysis, "run_analyses", lambda *a, **kw: {})
+    report._analysis_results(settings, jobs, str(tmp_path))
+
+    def preprocessed(overrides):
+        parser = ConfigParser()
+        parser.read_config(seen["files"])
+        parser.update(overrides)
+        return torch.as_tensor(parser.get_parsed_content("preprocessing")(dict(case))["image"])
+
+    trained_on = preprocessed({**settings.overrides, **settings.target})
+    assert torch.equal(preprocessed(seen["overrides"]), trained_on)
+    assert not torch.equal(preprocessed({}), trained_on)  # the bundle's defaults would show other images
+    assert "base_lr" not in seen["overrides"]  # training-only settings stay out
