@@ -3,9 +3,9 @@
 
 * :class:`NormalizeModality` / :class:`NormalizeModalityd`: the paper's intensity normalisation
   (Section II-A) chosen by modality, so that one config serves CT and MR runs (the ``modality`` id):
-  CT: Hounsfield units in ``[-1000, 1000]`` mapped linearly to ``[0, 1]``, clipped (MONAI's
-  ``ScaleIntensityRange``; another window through the bundles' ``ct_window`` id); MR: each image divided by the (population) standard deviation of its voxels
-  (MONAI's ``NormalizeIntensity(subtrahend=0)``). Unlike MONAI, a constant image (standard deviation 0) or
+  CT: Hounsfield units in ``[-1000, 1000]`` (or the bundles' ``ct_window``) mapped linearly to ``[0, 1]``,
+  clipped (MONAI's ``ScaleIntensityRange``); MR: each image divided by the (population) standard deviation of its
+  voxels (MONAI's ``NormalizeIntensity(subtrahend=0)``). Unlike MONAI, a constant image (standard deviation 0) or
   one holding NaN/inf voxels is refused with an error naming its file, instead of passing through
   unscaled or as NaN.
 * :class:`Spacingd`: MONAI's ``Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone. MONAI 1.6.1's
@@ -61,6 +61,8 @@ ABDOMEN_CT_WINDOW = (-160.0, 240.0)
 
 
 def _check_window(window: Sequence[float]) -> tuple[float, float]:
+    if isinstance(window, (str, bytes)):
+        raise ValueError(f"ct_window must be two numbers (low, high) in HU, got {window!r}.")
     try:
         lo, hi = (float(v) for v in window)
     except (TypeError, ValueError):

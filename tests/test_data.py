@@ -163,7 +163,7 @@ def test_ct_window_is_a_setting():
     d = NormalizeModalityd("image", "MR", ct_window=(-160, 240))({"image": ct.clone(), "modality": "CT"})
     torch.testing.assert_close(torch.as_tensor(d["image"]), out, rtol=1e-6, atol=1e-7)
     assert "modality" not in d
-    for bad in ((240, -160), (0, 0), (0, float("nan")), (1,), "wide"):
+    for bad in ((240, -160), (0, 0), (0, float("nan")), (1,), "wide", "01"):
         with pytest.raises(ValueError, match="ct_window"):
             NormalizeModality("CT", ct_window=bad)
 

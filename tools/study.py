@@ -32,8 +32,8 @@ from common.transforms import ABDOMEN_CT_WINDOW  # noqa: E402
 #: ``--quick``: the paper's network, small blocks, a coarser voxel, few iterations and the abdominal CT window, so
 #: that a study of three modes and two seeds ends in minutes on a 2-core CPU (``make demo``). Every departure from
 #: the bundle's defaults is listed in the report. Why these values (docs/benchmarks.md, "Quick study"): a training
-#: step of the 14-channel network costs 0.37 s at 16^3 and 2.2 s at 32^3 on one core of an AVX2 CPU in float32
-#: (about 2.5x less in bf16 where the CPU has it); at 4 mm the synthetic volumes (96 mm across) are 24^3, so a 16^3
+#: step of the 14-channel network costs 0.37 s at 16^3 and 2.2 s at 32^3 on one core of an AVX2 CPU in float32,
+#: 0.11 s at 16^3 in bf16 on one core of an AMX CPU (9x its float32 step); at 4 mm the synthetic volumes (96 mm across) are 24^3, so a 16^3
 #: block holds most of the organ; at the paper's lr 1e-4 the network needs thousands of steps, 3e-4 is the fastest
 #: rate that stays stable (1e-3 ends at all-background); the noise augmentation is 0.005 of the normalised range
 #: (2 HU in the abdominal window) instead of 0.02, which the few steps of a quick run cannot average out.
@@ -41,9 +41,7 @@ QUICK = {
     "block_size": [16, 16, 16],
     "pixdim": [4.0, 4.0, 4.0],
     "base_lr": 3e-4,
-    # the abdominal soft-tissue window (W400 L40) instead of the paper's [-1000, 1000] HU: with the paper's window the
-    # paper's network stays at DSC ~0.7 on the CT stand-ins for 3,000 steps; with this one it passes 0.88 by step
-    # 500 (docs/benchmarks.md, "Quick study"). MR sources are unaffected.
+    # instead of the paper's [-1000, 1000] HU (why: common.transforms.ABDOMEN_CT_WINDOW); MR sources are unaffected
     "ct_window": list(ABDOMEN_CT_WINDOW),
     "noise_std": 0.005,
     "iterations_per_epoch": 50,
