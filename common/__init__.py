@@ -8,6 +8,7 @@ or scipy. One concept per module:
 ==================  ===================================================================================
 ``networks``        the paper's FCN (Fig. 1) and V-Net, with the section protocol (encoder, decoder,
                     head, probe layers)
+``losses``          the paper's soft Dice kept inside the logit range float32 represents
 ``transfer``        the transfer modes: which parameters train, at which learning rate, from which source
 ``transforms``      transforms MONAI lacks (modality normalisation, a MONAI Label-safe ``Spacingd``, noise
                     on the device)
@@ -15,6 +16,7 @@ or scipy. One concept per module:
 ``datasets``        MONAI ``CacheDataset``, optionally cached on the GPU
 ``execution``       mixed precision, memory format, compilation, batch preparation
 ``handlers``        learning-rate decay of the paper, weight snapshots, log level
+``health``          a run that diverged or collapsed stops and records why
 ``checkpoints``     weight reading and checking, resumable training checkpoints
 ``io``              atomic file output, CSV / JSON / text writers
 ``runs``            run folders: the run record, snapshot history, convergence epoch
@@ -47,12 +49,14 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "networks",
+    "losses",
     "transfer",
     "transforms",
     "data",
     "datasets",
     "execution",
     "handlers",
+    "health",
     "checkpoints",
     "io",
     "runs",

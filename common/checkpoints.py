@@ -239,7 +239,7 @@ class TrainingCheckpointer:
         filename: str = "checkpoint.pt",
         final_filename: str = "checkpoint_final.pt",
         save_enabled: bool = True,
-        optional: Sequence[str] = ("snapshots",),
+        optional: Sequence[str] = ("snapshots", "health", "lr_warmup"),
         handlers: Sequence[Any] = (),
     ) -> None:
         if interval < 1:

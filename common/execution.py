@@ -18,7 +18,8 @@ bit-identical weights; ``tests/test_fast_paths.py``). The data-side options (``c
                            on a CPU the network's forward under CPU
                            autocast (:func:`autocast_on_cpu`); quick
                            studies turn it on where the CPU has native
-                           bf16 (:func:`cpu_bf16_native`)
+                           bf16 whose convolutions pass a known-answer
+                           check (:func:`cpu_bf16_usable`)
 ``amp_dtype``              ``null`` (bf16 where the GPU has native bf16,      ``null``
                            else fp16), ``"bf16"`` or ``"fp16"``
 ``channels_last``          network weights (and training inputs) in           ``@gpu``
@@ -36,6 +37,9 @@ bit-identical weights; ``tests/test_fast_paths.py``). The data-side options (``c
 ``strip_meta``             training batches as plain tensors, not MONAI       ``@gpu``
                            ``MetaTensor`` (:func:`prepare_batch_fn`)
 ``sw_batch_size``          windows per forward pass of the sliding window     4 on CUDA, 1 on the CPU
+``onednn_conv``            float32 CPU ``Conv3d`` layers through oneDNN       ``false``
+                           (:func:`onednn_convolutions`; quick studies
+                           turn it on)
 =========================  =================================================  ========================
 
 The engines' ``amp_kwargs`` id is :func:`amp_kwargs` of ``device`` and ``speed#amp_dtype``.
@@ -91,7 +95,10 @@ __all__ = [
     "set_cudnn_benchmark",
     "compile_network",
     "cpu_bf16_native",
+    "cpu_bf16_check",
+    "cpu_bf16_usable",
     "autocast_on_cpu",
+    "onednn_convolutions",
     "prepare_for_speed",
     "prepare_network",
     "to_kwargs",
@@ -234,10 +241,21 @@ def compile_network(network: nn.Module, **compile_kwargs: Any) -> nn.Module:
     return network
 
 
+#: ``ONEDNN_MAX_CPU_ISA`` values that keep oneDNN from the CPU's bf16 instructions.
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when this CPU computes bfloat16 natively: an x86 CPU whose flags (``cpuinfo``, Linux) name
-    ``avx512_bf16`` or ``amx_bf16`` (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later). Elsewhere,
-    or when the flags cannot be read, False: CPU autocast then emulates bfloat16 and is slower than float32."""
+    ``avx512_bf16`` or ``amx_bf16`` (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later), unless
+    ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) holds oneDNN below those instructions (e.g. ``AVX2``, the way to
+    run as an AVX2-only CPU would). Elsewhere, or when the flags cannot be read, False: CPU autocast then emulates
+    bfloat16 and is several times slower than float32 (measured: 5 s against 0.3 s per quick-study step)."""
+    import os
+
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if isa in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -247,6 +265,56 @@ def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         pass
     return False
+
+
+#: The relative error (Frobenius norm) at which a bf16 convolution result counts as wrong: bf16 rounds to 2^-8 (about
+#: 0.4 %), and the measured error of a correct kernel is 0.3 % (docs/benchmarks.md, "Training collapse"); a broken one
+#: gives errors near 100 % or infinite values.
+BF16_CHECK_RTOL = 0.05
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_check() -> str | None:
+    """Known-answer check of CPU bf16 autocast on this machine: None when the 3x3x3 convolutions and transposed
+    convolutions the networks use (16 and 32 channels; 2^3, 4^3 and 8^3 voxels) give, under bf16 autocast, the output,
+    input gradient and weight gradient of float32 within :data:`BF16_CHECK_RTOL`; else a sentence saying what failed.
+    Computed once per process (a few tens of milliseconds).
+
+    Why: with torch 2.13.0's oneDNN 3.12 on a 2-core AMD EPYC (Zen 4: ``avx512_bf16``, no AMX) the bf16 weight gradient
+    of a stride-1 3x3x3 convolution on a 2^3 input (the deepest level of the paper's network at 16^3 blocks) is wrong:
+    relative error 0.85-1.0 at 16, 64 and 112 channels, infinite at 32 (docs/benchmarks.md, "Training collapse"). Every
+    R.I. run of the quick study then ended in NaN weights. The CPU flags alone do not show it."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for transposed in (False, True):
+            for channels in (16, 32):
+                for size in (2, 4, 8):
+                    cls = nn.ConvTranspose3d if transposed else nn.Conv3d
+                    kwargs = {"stride": 2, "padding": 1, "output_padding": 1} if transposed else {"padding": 1}
+                    conv = cls(channels, channels, 3, **kwargs)
+                    x = torch.randn(1, channels, size, size, size, generator=gen)
+                    results = []
+                    for amp in (False, True):
+                        conv.zero_grad()
+                        xi = x.clone().requires_grad_(True)
+                        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=amp):
+                            out = conv(xi)
+                        g = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+                        (out.float() * g).sum().backward()
+                        results.append((out.detach().float(), xi.grad.float(), conv.weight.grad.float()))
+                    for name, ref, got in zip(("output", "input gradient", "weight gradient"), *results):
+                        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+                        if not err <= BF16_CHECK_RTOL:
+                            what = "transposed convolution" if transposed else "convolution"
+                            return (f"the bf16 {name} of a 3x3x3 {what} with {channels} channels on a {size}^3 input is "
+                                    f"{err:.3g} away from float32 (relative; a correct kernel: about 0.003)")
+    return None
+
+
+def cpu_bf16_usable(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU computes bfloat16 natively (:func:`cpu_bf16_native`) and its bf16 convolutions pass the
+    known-answer check :func:`cpu_bf16_check`: the condition under which quick studies train under CPU bf16 autocast."""
+    return cpu_bf16_native(cpuinfo) and cpu_bf16_check() is None
 
 
 def _autocast_cpu_forward(forward: Callable, dtype: torch.dtype) -> Callable:
@@ -259,7 +327,7 @@ def _autocast_cpu_forward(forward: Callable, dtype: torch.dtype) -> Callable:
     return run
 
 
-def autocast_on_cpu(network: nn.Module, dtype: Any = None) -> nn.Module:
+def autocast_on_cpu(network: nn.Module, dtype: Any = None, check: bool = True) -> nn.Module:
     """Run ``network``'s forward under CPU autocast (``dtype``: :func:`autocast_dtype` of the CPU, bfloat16); in
     place, returns ``network``.
 
@@ -269,11 +337,51 @@ def autocast_on_cpu(network: nn.Module, dtype: Any = None) -> nn.Module:
     autocast step 279 ms against 1112 ms in float32. The forward is wrapped on the instance (``network.forward``),
     so the state-dict keys, checkpoints, DDP and ``ckpt_export`` (which builds a fresh ``network_def``) are
     unaffected; the backward follows the forward's dtypes through autograd.
+
+    With ``check`` (default) bf16 is only turned on when this CPU's bf16 convolutions pass :func:`cpu_bf16_check`;
+    otherwise a warning says why and the network is returned unchanged (float32): a wrong kernel would train a
+    network on garbage gradients.
     """
     dt = autocast_dtype("cpu", dtype)
+    if dt == torch.bfloat16 and check:
+        problem = cpu_bf16_check()
+        if problem is not None:
+            logger.warning("CPU bf16 autocast refused on this machine: %s. The network runs in float32.", problem)
+            return network
     if getattr(network.forward, "__tlseg_cpu_autocast__", None) is None:
         network.forward = _autocast_cpu_forward(network.forward, dt)  # type: ignore[method-assign]
         logger.info("Network forward under CPU autocast (%s).", dt)
+    return network
+
+
+def _onednn_conv_forward(conv: nn.Conv3d) -> Callable:
+    forward = conv.forward
+
+    @functools.wraps(forward)
+    def run(x: torch.Tensor) -> torch.Tensor:
+        w = conv.weight
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+                and conv.padding_mode == "zeros" and not torch.is_autocast_enabled("cpu")):  # fmt: skip
+            return torch.mkldnn_convolution(x, w, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+        return forward(x)
+
+    run.__tlseg_onednn__ = True  # type: ignore[attr-defined]
+    return run
+
+
+def onednn_convolutions(network: nn.Module) -> nn.Module:
+    """Run ``network``'s float32 CPU ``Conv3d`` layers with oneDNN (``torch.mkldnn_convolution``); in place, returns it.
+
+    Why our own: for a float32 CPU input of batch 1 whose ``N * C * D * H`` is at most 20480, torch 2.13 picks its
+    native ``slow_conv3d`` (im2col + GEMM) instead of oneDNN (``ConvParams::use_mkldnn``): every convolution of the
+    paper's network at 16^3 blocks. oneDNN's is faster here: the quick study's training step (the paper's network,
+    16^3, Adam, one thread, two processes side by side as in ``make demo``, AVX2) 0.209 s against 0.251 s
+    (docs/benchmarks.md, "Training collapse", speed). Same arithmetic up to float rounding; the instance's forward
+    is wrapped (state-dict keys, checkpoints and ``ckpt_export`` unaffected); a bf16-autocast, non-float32 or
+    non-CPU input takes the layer's own forward."""
+    for module in network.modules():
+        if type(module) is nn.Conv3d and not getattr(module.forward, "__tlseg_onednn__", False):
+            module.forward = _onednn_conv_forward(module)  # type: ignore[method-assign]
     return network
 
 
@@ -285,6 +393,7 @@ def prepare_for_speed(
     compile_kwargs: Mapping[str, Any] | None = None,
     cpu_amp: bool = False,
     amp_dtype: Any = None,
+    onednn_conv: bool = False,
 ) -> nn.Module:
     """Apply the network-side fast paths to ``network`` (in place) and return it.
 
@@ -295,6 +404,8 @@ def prepare_for_speed(
     set_cudnn_benchmark(bool(cudnn_benchmark))
     if channels_last:
         network.to(memory_format=torch.channels_last_3d)
+    if onednn_conv:
+        onednn_convolutions(network)
     if cpu_amp:
         autocast_on_cpu(network, amp_dtype)
     if compile:
@@ -316,6 +427,7 @@ def prepare_network(network: nn.Module, device: Any, speed: Mapping[str, Any] | 
         compile_kwargs=speed.get("compile_kwargs"),
         cpu_amp=on_cpu and bool(speed.get("amp", False)),
         amp_dtype=speed.get("amp_dtype"),
+        onednn_conv=on_cpu and bool(speed.get("onednn_conv", False)),
     )
 
 

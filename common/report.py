@@ -24,14 +24,15 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .health import STALLED_FRACTION
 from .io import write_csv, write_text
 
-__all__ = ["write_report", "paired_test", "findings"]
+__all__ = ["write_report", "paired_test", "findings", "failed_runs_section"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,10 @@ def _size(n: Any) -> str:
     return "all" if n is None else str(n)
 
 
-def accuracy_tables(rows: Sequence[Mapping[str, Any]], sizes: Sequence[Any], modes: Sequence[str]) -> list[str]:
-    """Markdown tables of mean ± std over seeds per size and mode, and the paired tests against R.I."""
+def accuracy_tables(rows: Sequence[Mapping[str, Any]], sizes: Sequence[Any], modes: Sequence[str],
+                    failed: Sequence[Mapping[str, Any]] = ()) -> list[str]:  # fmt: skip
+    """Markdown tables of mean ± std over seeds per size and mode, and the paired tests against R.I.; ``rows`` are
+    the runs that trained (the ``failed`` ones are only counted, in the runs column)."""
     metrics = [(k, t) for k, t in METRICS if any(k in r for r in rows)]
     lines = []
     for n in sizes:
@@ -91,7 +94,8 @@ def accuracy_tables(rows: Sequence[Mapping[str, Any]], sizes: Sequence[Any], mod
         for mode in modes:
             rs = _by(rows, n, mode)
             cells = [_fmt(*_mean_std([r.get(k) for r in rs]), nd=2 if k != "dice" and k != "f1" else 3) for k, _ in metrics]
-            lines.append(f"| {_label(mode)} | {len(rs)} | " + " | ".join(cells) + " |")
+            k = len(_by(failed, n, mode))
+            lines.append(f"| {_label(mode)} | {len(rs)}{f' (+{k} failed, left out)' if k else ''} | " + " | ".join(cells) + " |")
         ref = "ri" if "ri" in modes else modes[0]
         others = [m for m in modes if m != ref]
         if others:
@@ -129,8 +133,10 @@ def _read_curve(path: str) -> list[dict[str, float]]:
         return [{k: float(v) if v not in ("", "None") else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def plot_curves(jobs: Sequence[Any], sizes: Sequence[Any], modes: Sequence[str], out_dir: str) -> list[str]:
-    """``curves_n<size>.png``: test DSC against iterations and against training seconds, per mode."""
+def plot_curves(jobs: Sequence[Any], sizes: Sequence[Any], modes: Sequence[str], out_dir: str,
+                failed: Collection[str] = ()) -> list[str]:  # fmt: skip
+    """``curves_n<size>.png``: test DSC against iterations and against training seconds, per mode; the runs named in
+    ``failed`` are drawn dotted and left out of the mean."""
     from .figures import _figure, _save_figure
     from .study import CURVE_FILE
 
@@ -139,11 +145,16 @@ def plot_curves(jobs: Sequence[Any], sizes: Sequence[Any], modes: Sequence[str],
         fig = _figure(11.0, 4.2)
         ax_it, ax_s = fig.subplots(1, 2)
         for k, mode in enumerate(modes):
-            curves = [_read_curve(os.path.join(j.run_dir, CURVE_FILE)) for j in jobs
-                      if j.mode == mode and j.n_train == n and os.path.isfile(os.path.join(j.run_dir, CURVE_FILE))]  # fmt: skip
+            runs = [j for j in jobs if j.mode == mode and j.n_train == n and os.path.isfile(os.path.join(j.run_dir, CURVE_FILE))]
+            color = f"C{k % 10}"
+            for j in runs:
+                if j.name in failed:
+                    c = _read_curve(os.path.join(j.run_dir, CURVE_FILE))
+                    for ax, key in ((ax_it, "iteration"), (ax_s, "train_seconds")):
+                        ax.plot([r[key] for r in c], [r.get("test_dice", float("nan")) for r in c], color=color, lw=0.8, ls=":")
+            curves = [_read_curve(os.path.join(j.run_dir, CURVE_FILE)) for j in runs if j.name not in failed]
             if not curves:
                 continue
-            color = f"C{k % 10}"
             for c in curves:
                 ax_it.plot([r["iteration"] for r in c], [r.get("test_dice", float("nan")) for r in c], color=color, lw=0.6, alpha=0.4)
                 ax_s.plot([r["train_seconds"] for r in c], [r.get("test_dice", float("nan")) for r in c], color=color, lw=0.6, alpha=0.4)
@@ -157,7 +168,8 @@ def plot_curves(jobs: Sequence[Any], sizes: Sequence[Any], modes: Sequence[str],
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         ax_it.legend(fontsize=8, loc="lower right")
-        fig.suptitle(f"Test DSC during training, n_train = {_size(n)} (thin: each seed; thick: mean)")
+        fig.suptitle(f"Test DSC during training, n_train = {_size(n)} (thin: each seed; thick: mean"
+                     + ("; dotted: failed runs, not in the mean)" if failed else ")"))
         fig.tight_layout()
         paths.append(_save_figure(fig, os.path.join(out_dir, f"curves_n{_size(n)}.png")))
     return paths
@@ -168,12 +180,12 @@ def plot_curves(jobs: Sequence[Any], sizes: Sequence[Any], modes: Sequence[str],
 ANALYSIS_IDS = ("network_def", "pixdim", "modality", "ct_window", "block_size")
 
 
-def _analysis_results(settings: Any, jobs: Sequence[Any], root: str) -> dict[str, Any]:
-    """The representation analyses across the study's runs (largest size, every seed)."""
+def _analysis_results(settings: Any, jobs: Sequence[Any], root: str, failed: Collection[str] = ()) -> dict[str, Any]:
+    """The representation analyses across the study's runs (largest size, every seed; not the ``failed`` ones)."""
     from . import analysis
     from .capture import make_setup
 
-    target = [j for j in jobs if j.mode != "pretrain"]
+    target = [j for j in jobs if j.mode != "pretrain" and j.name not in failed]
     sizes = list(dict.fromkeys(j.n_train for j in target))
     n = max(sizes, key=lambda x: float("inf") if x is None else x)
     ri = [j.run_dir for j in target if j.mode == "ri" and j.n_train == n]
@@ -271,6 +283,24 @@ def findings(rows: Sequence[Mapping[str, Any]], sizes: Sequence[Any], analyses: 
     return out
 
 
+def failed_runs_section(failed: Sequence[Mapping[str, Any]], n_runs: int) -> list[str]:
+    """The report's "Failed runs" section: every run that collapsed or diverged (or whose model predicts no
+    foreground at all), with its reason; these runs are left out of the tables, tests, curves' means, analyses and
+    findings. Empty when none failed."""
+    if not failed:
+        return []
+    lines = ["## Failed runs", "",
+             f"{len(failed)} of {n_runs} runs failed. They are listed here and left out of every table, test, mean curve, "
+             "analysis and finding of this report (common.health: a collapsed network passes no gradient and cannot "
+             "learn again; its model.pt is the best network validated before the failure).", "",
+             "| run | mode | n_train | seed | status | test DSC of its model.pt | what happened |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in failed:
+        d = r.get("dice")
+        lines.append(f"| {r['run']} | {_label(r['mode'])} | {_size(r['n_train'])} | {r['seed']} | {r['status']} | "
+                     f"{_fmt(d) if isinstance(d, (int, float)) else 'n/a'} | {r['failure']} |")  # fmt: skip
+    return lines + [""]
+
+
 def _overrides_text(overrides: Mapping[str, Any]) -> str:
     """``id=value`` pairs of config overrides, in a stable order; ``none`` when there are none."""
     return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(overrides.items())) or "none"
@@ -282,13 +312,15 @@ def write_report(settings: Any, jobs: Sequence[Any], root: str) -> str:
 
     out_dir = os.path.join(root, "report")
     os.makedirs(out_dir, exist_ok=True)
-    rows = job_table(jobs)
-    write_csv(os.path.join(out_dir, "runs.csv"), rows)
+    all_rows = job_table(jobs)
+    write_csv(os.path.join(out_dir, "runs.csv"), all_rows)
+    rows = [r for r in all_rows if not r["failed"]]  # a failed run is never averaged into a table
+    failed = [r for r in all_rows if r["failed"]]
     sizes = list(dict.fromkeys(j.n_train for j in jobs if j.mode != "pretrain"))
     modes = [m for m in settings.modes]
-    curves = plot_curves(jobs, sizes, modes, out_dir)
+    curves = plot_curves(jobs, sizes, modes, out_dir, failed={r["run"] for r in failed})
     try:
-        analyses = _analysis_results(settings, jobs, root)
+        analyses = _analysis_results(settings, jobs, root, failed={r["run"] for r in failed})
     except Exception as err:  # the analyses must not lose the report of the runs
         logger.warning("The representation analyses failed: %s", err)
         analyses = {"error": f"{type(err).__name__}: {err}"}
@@ -308,14 +340,23 @@ def write_report(settings: Any, jobs: Sequence[Any], root: str) -> str:
         f"; blocks {ov.get('block_size', train['block_size'])}; voxels {ov.get('pixdim', train['pixdim'])} mm; "
         f"{ov.get('max_epochs', train['max_epochs'])} epochs x {ov.get('iterations_per_epoch', train['iterations_per_epoch'])} "
         f"iterations (the paper: 96^3 blocks, about 100 epochs x 200 iterations).",
+        f"- Added to the paper's method (issue 18, the bundle docs' \"Training stability\"): a linear learning-rate "
+        f"warm-up over the first {ov.get('lr_warmup_iterations', train.get('lr_warmup_iterations', 0))} iterations "
+        f"(lr_warmup_iterations); a penalty on each voxel's logit spread beyond "
+        f"{ov.get('logit_range_limit', train.get('logit_range_limit'))} added to the soft Dice, zero inside it "
+        f"(logit_range_limit; 0 or null: the paper's loss); a run "
+        f"whose network passes no gradient on {STALLED_FRACTION:.0%} of its last "
+        f"{ov.get('health_patience', train.get('health_patience'))} training batches with foreground (a saturated "
+        f"softmax), or whose loss is not finite, stops as failed (common.health).",
         f"- Every run's overrides of the bundle's defaults: {_overrides_text(ov)}; the source run's own: "
         f"{_overrides_text(settings.pretrain_overrides)}.",
         f"- Data: target {settings.target.get('dataset_dir', train['dataset_dir'])}; source "
         f"{settings.source.get('dataset_dir', 'the bundle default') if settings.source_checkpoint is None else settings.source_checkpoint}.",
         "",
+        *failed_runs_section(failed, len(all_rows)),
         "## Test accuracy (mean ± sample std over seeds)",
         "",
-        *accuracy_tables(rows, sizes, modes),
+        *accuracy_tables(rows, sizes, modes, failed),
         "## Convergence (the paper's rule: first epoch within 0.5 % of the best validation DSC)",
         "",
         *convergence_table(rows, sizes, modes),
@@ -339,5 +380,9 @@ def write_report(settings: Any, jobs: Sequence[Any], root: str) -> str:
                 lines += [open(path, encoding="utf-8").read(), ""]
         for png in sorted(f for f in os.listdir(adir) if f.endswith(".png")):
             lines.append(f"![{png}](../analysis/{png})")
-    lines += ["", "## The paper's findings, tested on this study's numbers", "", *findings(rows, sizes, analyses), ""]
+    lines += ["", "## The paper's findings, tested on this study's numbers", ""]
+    if failed:
+        lines.append(f"- Failed runs: {len(failed)} of {len(all_rows)} "
+                     f"({', '.join(r['run'] for r in failed)}) are left out of every line below (see \"Failed runs\").")  # fmt: skip
+    lines += [*findings(rows, sizes, analyses), ""]
     return write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")

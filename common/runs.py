@@ -3,7 +3,9 @@
 
 A training run of a bundle (``configs/train.json``) writes into ``<bundle_root>/runs/<run_name>/``::
 
-    run_info.json            seed, command line, package versions, host, time (:func:`write_run_record`)
+    run_info.json            seed, command line, package versions, host, time (:func:`write_run_record`) and the
+                             training status: running, completed, or failed (collapsed / diverged) with the
+                             reason (:func:`update_run_record`, :class:`common.health.TrainingHealth`)
     signature.json           what the run is (mode, source model, network), checked on resume (:func:`check_run_signature`)
     .lock                    the one writer's lock while the run trains (:class:`RunFolderLock`)
     configs/                 copies of the config files of the command
@@ -52,6 +54,11 @@ __all__ = [
     "lock_run_folder",
     "is_not_rank0",
     "write_run_record",
+    "update_run_record",
+    "RUNNING",
+    "COMPLETED",
+    "FAILED_STATUSES",
+    "run_status",
     "read_history",
     "convergence_epoch",
     "Run",
@@ -67,6 +74,12 @@ MODEL_FILE = "model.pt"
 RUN_INFO_FILE = "run_info.json"
 #: The paper's convergence epoch: the first epoch whose validation DSC is within 0.5 % of the best one.
 CONVERGENCE_TOLERANCE = 0.005
+
+#: The training status in ``run_info.json``: a run is ``running`` from its start, ``completed`` when it trained to
+#: its last iteration, or one of :data:`FAILED_STATUSES` (:class:`common.health.TrainingHealth` stopped it).
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED_STATUSES = ("collapsed", "diverged")
 
 _SNAP_RE = re.compile(r"^epoch_(\d+)\.pt$")
 
@@ -327,9 +340,48 @@ def write_run_record(output_dir: str, seed: int, extra: Mapping[str, Any] | None
         "host": platform.node(),
         "platform": platform.platform(),
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "status": RUNNING,
         **(dict(extra) if extra else {}),
     }
     return write_json(os.path.join(output_dir, RUN_INFO_FILE), info)
+
+
+def update_run_record(output_dir: str, **fields: Any) -> str | None:
+    """Merge ``fields`` into ``<output_dir>/run_info.json`` (written atomically; created when missing); a field
+    given as None is removed. Returns its path (None on the ranks > 0 of a distributed run, which write nothing)."""
+    if is_not_rank0():
+        return None
+    path = os.path.join(output_dir, RUN_INFO_FILE)
+    info: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    for k, v in fields.items():
+        if v is None:
+            info.pop(k, None)
+        else:
+            info[k] = v
+    os.makedirs(output_dir, exist_ok=True)
+    return write_json(path, info)
+
+
+def run_status(run_folder: str | None) -> dict[str, Any]:
+    """The training status of the run folder ``run_folder`` (or of the folder of a checkpoint file in it):
+    ``{"status": ..., "failure": {...}}`` from its ``run_info.json``; ``{"status": "unknown"}`` when there is no
+    record (weights from elsewhere, or a run written before statuses were recorded)."""
+    if not run_folder:
+        return {"status": "unknown"}
+    folder = run_folder if os.path.isdir(run_folder) else os.path.dirname(os.path.abspath(run_folder))
+    path = os.path.join(folder, RUN_INFO_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {"status": "unknown"}
+    out = {"status": info.get("status", "unknown")}
+    if info.get("failure"):
+        out["failure"] = info["failure"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- history

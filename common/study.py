@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .io import write_csv, write_json
-from .runs import MODEL_FILE, RunFolderLock, convergence_epoch, read_history
+from .runs import FAILED_STATUSES, MODEL_FILE, RunFolderLock, convergence_epoch, read_history, run_status
 
 __all__ = [
     "MODES",
@@ -54,6 +54,7 @@ __all__ = [
     "run_job",
     "evaluate_run",
     "run_study",
+    "training_failure",
 ]
 
 logger = logging.getLogger(__name__)
@@ -424,6 +425,7 @@ def job_table(jobs: Sequence[Job]) -> list[dict[str, Any]]:
         with open(summary_path, encoding="utf-8") as f:
             s = json.load(f)
         row: dict[str, Any] = {"run": job.name, "mode": job.mode, "n_train": job.n_train, "seed": job.seed}
+        row.update(training_failure(job.run_dir, s))
         parts = list(s["per_task"].values()) if "per_task" in s else [s]  # a multi-task run: the mean over its tasks
         for metric in ("dice", "hd95", "assd", "f1"):
             values = [_num(p[metric]["mean"]) for p in parts if metric in p]
@@ -441,6 +443,37 @@ def job_table(jobs: Sequence[Job]) -> list[dict[str, Any]]:
         row.update(iterations=last.get("iteration"), train_seconds=last.get("train_seconds"), val_seconds=last.get("val_seconds"))
         rows.append(row)
     return rows
+
+
+def training_failure(run_dir: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"status": ..., "failed": bool, "failure": reason}`` of a run: failed when its training stopped as
+    collapsed or diverged (``run_info.json``, :class:`common.health.TrainingHealth`), or when its best model predicts
+    no foreground in any test case that has some (a network collapsed to all background, however it trained)."""
+    info = run_status(run_dir)
+    status = info["status"]
+    if status in FAILED_STATUSES:
+        f = info.get("failure") or {}
+        return {"status": status, "failed": True,
+                "failure": f"{status} at epoch {f.get('epoch')}, iteration {f.get('iteration')}: {f.get('reason', '')}"}  # fmt: skip
+    leaves = list(_count_leaves(summary))  # per task and class: {"n_cases", "n_empty_pred", "n_empty_ref"}
+    if leaves and all(int(c["n_empty_pred"]) == int(c["n_cases"]) for c in leaves) and any(
+        int(c["n_empty_ref"]) < int(c["n_cases"]) for c in leaves
+    ):
+        return {"status": status, "failed": True,
+                "failure": f"its model predicts no foreground in any of the {summary.get('n_cases')} test cases "
+                           "(all background)"}  # fmt: skip
+    return {"status": status, "failed": False, "failure": ""}
+
+
+def _count_leaves(summary: Mapping[str, Any]):
+    """The evaluation summary's case counts, per task and class (the dicts holding ``n_empty_pred``)."""
+    if "n_empty_pred" in summary:
+        yield summary
+        return
+    for key in ("per_task", "per_class"):
+        for part in (summary.get(key) or {}).values():
+            if isinstance(part, Mapping):
+                yield from _count_leaves(part)
 
 
 def _num(v: Any) -> float:

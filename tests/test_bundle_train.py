@@ -123,7 +123,9 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     log = proc.stdout + proc.stderr
     assert "Loaded source weights from" in log and "Transfer mode finetune" in log
     opt = torch.load(fin / "checkpoint_final.pt", map_location="cpu", weights_only=False)["optimizer"]
-    assert opt["param_groups"][0]["lr"] == pytest.approx(5e-5, rel=1e-12)  # halved for transfer learning (no decay yet)
+    # halved for transfer learning, and 2 of the warm-up's steps done: (1/W + (1 - 1/W) 2/W) of it (no decay yet)
+    w = json.loads(open(f"{cfg}/train.json", encoding="utf-8").read())["lr_warmup_iterations"]
+    assert opt["param_groups"][0]["lr"] == pytest.approx(5e-5 * (1 / w + (1 - 1 / w) * 2 / w), rel=1e-9)
     source = torch.load(pre / "model.pt", map_location="cpu", weights_only=True)
     first = torch.load(fin / "snapshots" / "epoch_0000.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(first[k], v) for k, v in source.items()), "the fine-tune did not start from the source"

@@ -74,6 +74,29 @@ def test_channels_last_forward_equals_contiguous():
     torch.testing.assert_close(out.contiguous(), ref, rtol=0, atol=1e-5 * scale)
 
 
+def test_onednn_convolutions_give_the_plain_forward_and_gradients():
+    """The oneDNN path of the float32 CPU convolutions: same outputs and gradients as torch's own choice, up to float32
+    rounding (tolerance 1e-5 of each tensor's scale; sums over 27 x C taps in another order); the state-dict keys are
+    unchanged, and a bf16-autocast input takes the layer's own forward (bit-identical to an unwrapped copy)."""
+    net = _net(dropout=0.0).eval()
+    ref_net = copy.deepcopy(net)
+    keys = list(net.state_dict())
+    execution.prepare_for_speed(net, onednn_conv=True)
+    assert list(net.state_dict()) == keys
+    wrapped = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert wrapped and all(getattr(m.forward, "__tlseg_onednn__", False) for m in wrapped)
+    x = torch.rand(1, 1, 16, 16, 16)
+    out, ref = net(x), ref_net(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), q in zip(net.named_parameters(), ref_net.parameters()):
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-5 * scale + 1e-12, msg=name)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(net(x), ref_net(x))
+
+
 def test_channels_last_training_step_same_loss_and_grads():
     """One Adam step with the bundles' Dice loss: same loss (rtol 1e-5), gradients (1e-4 of their scale) and
     updated weights. Dropout off: its mask is drawn in memory order, so channels-last draws other masks
@@ -327,7 +350,10 @@ def test_bundle_plain_path_bit_identical_and_cuda_defaults_run_on_cpu(tiny_datas
     for k in plain1["model"]:
         assert torch.equal(plain1["model"][k], plain2["model"][k]), k
     fast_run = _run_bundle(tiny_dataset, tmp_path / "fast", on, caplog)
-    assert "Network forward under CPU autocast (torch.bfloat16)" in fast_run["log"]
+    if execution.cpu_bf16_check() is None:
+        assert "Network forward under CPU autocast (torch.bfloat16)" in fast_run["log"]
+    else:  # this CPU's bf16 convolutions fail the known-answer check: float32, and the log says why
+        assert "CPU bf16 autocast refused on this machine" in fast_run["log"]
     assert fast_run["model"].keys() == plain1["model"].keys()
     assert np.isfinite(fast_run["dice"]) and abs(fast_run["dice"] - plain1["dice"]) <= 0.01
 
@@ -336,7 +362,7 @@ def test_cpu_autocast_wraps_the_forward_keeps_the_keys_and_stays_close_to_float3
     """``speed#amp`` on a CPU: the forward runs in bfloat16 (MONAI's engines autocast for CUDA only), the state-dict
     keys are unchanged, and the logits stay within bf16's precision of the float32 ones (8-bit mantissa: 2^-8 per
     rounding; relative error of the logits well under 10 % through the network's ~50 layers)."""
-    from common.execution import autocast_on_cpu, cpu_bf16_native, prepare_network
+    from common.execution import autocast_on_cpu, cpu_bf16_check, cpu_bf16_native, prepare_network
     from common.networks import KarimiFCN
 
     torch.manual_seed(0)
@@ -345,7 +371,7 @@ def test_cpu_autocast_wraps_the_forward_keeps_the_keys_and_stays_close_to_float3
     with torch.no_grad():
         ref = net(x)
     keys = list(net.state_dict())
-    same = prepare_network(net, "cpu", {"amp": True})
+    same = autocast_on_cpu(net, check=False)  # the wrapper itself, whatever this CPU's bf16 kernels do
     assert same is net and list(net.state_dict()) == keys
     seen = []
     hook = net.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -360,6 +386,9 @@ def test_cpu_autocast_wraps_the_forward_keeps_the_keys_and_stays_close_to_float3
     # off: the plain path
     plain = prepare_network(KarimiFCN(features=4), "cpu", {"amp": False})
     assert "forward" not in vars(plain)
+    # through prepare_network: bf16 only where this CPU's bf16 convolutions pass the known-answer check
+    checked = prepare_network(KarimiFCN(features=4), "cpu", {"amp": True})
+    assert ("forward" in vars(checked)) == (cpu_bf16_check() is None)
     # the CPU flag reader
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n", encoding="utf-8")
@@ -367,3 +396,38 @@ def test_cpu_autocast_wraps_the_forward_keeps_the_keys_and_stays_close_to_float3
     info.write_text("processor : 0\nflags : fpu sse avx2\n", encoding="utf-8")
     assert not cpu_bf16_native(str(info)) and not cpu_bf16_native(str(tmp_path / "missing"))
     assert isinstance(cpu_bf16_native(), bool)
+
+
+def test_bf16_autocast_is_refused_where_the_cpu_kernels_fail_the_check(monkeypatch, caplog):
+    """A CPU whose bf16 convolutions fail :func:`cpu_bf16_check` (seen: oneDNN 3.12's weight gradient on a 2^3 input,
+    AMD Zen 4) trains in float32, with a warning naming the failure; one that passes gets bf16."""
+    from common import execution
+    from common.networks import KarimiFCN
+
+    problem = execution.cpu_bf16_check()
+    assert problem is None or "away from float32" in problem
+    monkeypatch.setattr(execution, "cpu_bf16_check", lambda: "the bf16 weight gradient of a test is 1 away from float32")
+    with caplog.at_level(logging.WARNING, logger="common.execution"):
+        net = execution.prepare_network(KarimiFCN(features=4), "cpu", {"amp": True})
+    assert "forward" not in vars(net)  # the plain float32 forward
+    assert "CPU bf16 autocast refused on this machine: the bf16 weight gradient of a test" in caplog.text
+    assert not execution.cpu_bf16_usable()
+    monkeypatch.setattr(execution, "cpu_bf16_check", lambda: None)
+    net = execution.prepare_network(KarimiFCN(features=4), "cpu", {"amp": True})
+    assert net.forward.__tlseg_cpu_autocast__ == torch.bfloat16
+
+
+def test_onednn_held_below_bf16_is_not_native_bf16(tmp_path, monkeypatch):
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` (how an AVX2-only CPU is imitated): oneDNN emulates bf16, so the CPU does not count as
+    bf16-native even when its flags name ``avx512_bf16``."""
+    from common.execution import cpu_bf16_native
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n", encoding="utf-8")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert cpu_bf16_native(str(info))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_bf16_native(str(info))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_bf16_native(str(info))

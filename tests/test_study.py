@@ -157,3 +157,62 @@ def test_the_analyses_see_the_images_the_runs_were_trained_on(tmp_path, monkeypa
     assert torch.equal(preprocessed(seen["overrides"]), trained_on)
     assert not torch.equal(preprocessed({}), trained_on)  # the bundle's defaults would show other images
     assert "base_lr" not in seen["overrides"]  # training-only settings stay out
+
+
+def _fake_run(folder, dice: float, status: str = "completed", failure: dict | None = None, all_empty: bool = False) -> None:
+    """A run folder as a study leaves it: run_info.json (status), eval/summary.json (2 test cases), a snapshot
+    history of 2 epochs and its curve.csv."""
+    os.makedirs(os.path.join(folder, "eval"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "snapshots"), exist_ok=True)
+    info = {"seed": 0, "status": status, **({"failure": failure} if failure else {})}
+    with open(os.path.join(folder, "run_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    summary = {"n_cases": 2, "n_empty_pred": 2 if all_empty else 0, "n_empty_ref": 0,
+               "dice": {"mean": dice}, "hd95": {"mean": 5.0}, "assd": {"mean": 1.0}}  # fmt: skip
+    with open(os.path.join(folder, "eval", "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+    entries = [{"epoch": e, "iteration": 10 * e, "train_seconds": 5.0 * e, "val_seconds": 1.0 * e,
+                "val_dice": None if e == 0 else dice, "file": f"epoch_{e:04d}.pt"} for e in range(3)]  # fmt: skip
+    with open(os.path.join(folder, "snapshots", "history.json"), "w", encoding="utf-8") as f:
+        json.dump({"metric_name": "val_mean_dice", "interval": 1, "entries": entries}, f)
+    with open(os.path.join(folder, "curve.csv"), "w", encoding="utf-8") as f:
+        f.write("epoch,iteration,train_seconds,val_seconds,val_dice,test_dice\n")
+        f.writelines(f"{e['epoch']},{e['iteration']},{e['train_seconds']},{e['val_seconds']},{e['val_dice']},{dice}\n" for e in entries)
+
+
+def test_a_failed_run_is_listed_apart_and_never_averaged(tmp_path):
+    """Four R.I. and four frozen-encoder runs; R.I. seed 1 collapsed (run_info.json), frozen seed 3's model predicts
+    nothing on any test case. The report names both as failed with their reasons, and the tables, paired tests and
+    findings use the other runs only: the means are the known values of the healthy runs."""
+    from common.report import write_report
+    from common.study import Job
+
+    bundle = os.path.join(ROOT, "bundles", FIRST_BUNDLE)
+    train = os.path.join(bundle, "configs", "train.json")
+    settings = StudySettings(bundle_dir=bundle, out_dir=str(tmp_path), seeds=[0, 1, 2, 3], modes=["ri", "frozen"])
+    dice = {("ri", 0): 0.90, ("ri", 1): 0.0, ("ri", 2): 0.92, ("ri", 3): 0.94,
+            ("frozen", 0): 0.80, ("frozen", 1): 0.84, ("frozen", 2): 0.82, ("frozen", 3): 0.0}  # fmt: skip
+    jobs = []
+    for (mode, seed), d in dice.items():
+        job = Job(f"{mode}_nall_s{seed}", mode, None, seed, [train], {}, str(tmp_path / "runs" / f"{mode}_nall_s{seed}"))
+        collapsed = (mode, seed) == ("ri", 1)
+        _fake_run(job.run_dir, d, status="collapsed" if collapsed else "completed",
+                  failure={"reason": "the gradient vanished", "epoch": 2, "iteration": 120} if collapsed else None,
+                  all_empty=(mode, seed) == ("frozen", 3))  # fmt: skip
+        jobs.append(job)
+    text = open(write_report(settings, jobs, str(tmp_path)), encoding="utf-8").read()
+    failed = text.split("## Failed runs", 1)[1].split("\n## ", 1)[0]
+    assert "2 of 8 runs failed" in failed
+    assert "| ri_nall_s1 | R.I. | all | 1 | collapsed |" in failed and "the gradient vanished" in failed
+    assert "| frozen_nall_s3 | frozen random encoder | all | 3 | completed |" in failed
+    assert "no foreground in any of the 2 test cases" in failed
+    table = text.split("## Test accuracy", 1)[1].split("## Convergence", 1)[0]
+    assert "| R.I. | 3 (+1 failed, left out) | 0.920 ± 0.020 |" in table  # mean of 0.90, 0.92, 0.94
+    assert "| frozen random encoder | 3 (+1 failed, left out) | 0.820 ± 0.020 |" in table
+    assert "| frozen random encoder vs R.I. | -0.100 (n=2," in table  # seeds 0 and 2: the pairs where both trained
+    findings = text.split("## The paper's findings", 1)[1]
+    assert "Failed runs: 2 of 8 (ri_nall_s1, frozen_nall_s3) are left out" in findings
+    assert "DSC frozen - R.I. = -0.100" in findings
+    with open(tmp_path / "report" / "runs.csv", encoding="utf-8") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows["ri_nall_s1"]["failed"] == "True" and rows["ri_nall_s0"]["failed"] == "False"

@@ -6,7 +6,7 @@ One short run (1 epoch of 3 iterations) of ``train.json`` + ``progress_bar.json`
 ``--tracking mlflow --tracking_uri sqlite:///...`` (when mlflow is installed: ``pip install -e .[tracking]``).
 MONAI 1.6's MLFlowHandler refuses ``file://`` URIs (MLflow >= 3.13 dropped the file store), so the local
 store is a SQLite database. A test-only overlay makes the decay rule see a constant loss, so with
-``lr_decay_interval=1`` the learning rate decays at iterations 2 and 3, deterministically.
+``lr_decay_interval=1`` (and no warm-up) the learning rate decays at iterations 2 and 3, deterministically.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def tracked_run(tmp_path_factory):
         "--meta_file", f"{cfg}/metadata.json", "--logging_file", f"{cfg}/logging.conf",
         "--bundle_root", str(out), "--dataset_dir", data, "--n_val", "1",
         "--train#trainer#max_epochs", "1", "--iterations_per_epoch", "3",
-        "--base_lr", str(BASE_LR), "--lr_decay_interval", "1", "--lr_decay_factor", str(FACTOR), *SMALL,
+        "--base_lr", str(BASE_LR), "--lr_warmup_iterations", "0", "--lr_decay_interval", "1",
+        "--lr_decay_factor", str(FACTOR), *SMALL,
     ]  # fmt: skip
     db = tmp / "mlflow" / "mlruns.db"
     if HAS_MLFLOW:

@@ -300,6 +300,7 @@ def test_val_dice_decay_in_a_bundle_run_reads_the_current_validation(tmp_path, c
     wf = ConfigWorkflow(
         config_file=cfg, workflow_type="train", logging_file=False, bundle_root=str(tmp_path), dataset_dir=data,
         n_val=1, iterations_per_epoch=2, max_epochs=len(schedule), lr_decay_monitor="val_dice", lr_decay_interval=2,
+        lr_warmup_iterations=0,
         lr_decay_factor=0.5, base_lr=1e-4, block_size=[16, 16, 16], **{"network_def#features": F,
         "validate#inferer": inferer, "device": "$torch.device('cpu')"},
     )  # fmt: skip
@@ -320,3 +321,38 @@ def test_val_dice_decay_in_a_bundle_run_reads_the_current_validation(tmp_path, c
     final = torch.load(run / "checkpoint_final.pt", map_location="cpu", weights_only=True)
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 0.5 ** len(expected), rel=1e-12)
     assert final["lr_decay"]["decays"] == len(expected)
+
+
+def test_the_warmup_raises_the_learning_rate_linearly_and_resumes_where_it_stopped(tmp_path):
+    """``lr_warmup_iterations`` W: iteration t + 1 (t steps done) trains at ``lr * (1/W + (1 - 1/W) min(t, W) / W)``,
+    from ``lr / W`` to ``lr`` (torch's ``LinearLR`` stepped per iteration by MONAI's ``LrScheduleHandler``); a run
+    stopped inside the warm-up and started again continues the same sequence (the scheduler is checkpointed)."""
+    from monai.bundle import ConfigWorkflow
+
+    from common.synthetic import make_scenario
+
+    data = make_scenario("liver_ct", str(tmp_path / "ds"), 4, seed=0, shape=(16, 16, 8), spacing=(2.0, 2.0, 4.0))
+    cfg = os.path.join(ROOT, "bundles", "liver_ct_from_liver_mri", "configs", "train.json")
+    w, lr = 4, 1e-4
+
+    def run(max_epochs: int) -> list[float]:
+        wf = ConfigWorkflow(
+            config_file=cfg, workflow_type="train", logging_file=False, bundle_root=str(tmp_path), dataset_dir=data,
+            n_val=1, iterations_per_epoch=3, max_epochs=max_epochs, base_lr=lr, lr_warmup_iterations=w,
+            block_size=[16, 16, 16], save_snapshots=False, **{"network_def#features": F, "device": "$torch.device('cpu')"},
+        )  # fmt: skip
+        wf.initialize()
+        opt = wf.parser.get_parsed_content("optimizer")
+        seen: list[float] = []
+        wf.parser.get_parsed_content("train#trainer").add_event_handler(
+            Events.ITERATION_STARTED, lambda e: seen.append(opt.param_groups[0]["lr"])
+        )
+        wf.run()
+        wf.finalize()
+        return seen
+
+    expected = [lr * (1 / w + (1 - 1 / w) * min(t, w) / w) for t in range(6)]
+    first = run(1)
+    assert first == pytest.approx(expected[:3], rel=1e-9)
+    assert run(2) == pytest.approx(expected[3:], rel=1e-9)  # resumed at iteration 3, inside the warm-up
+    assert expected[-1] == lr and expected[0] == lr / w

@@ -14,7 +14,8 @@ What is the same in every bundle is written once, in ``bundles/_template/``:
   rules (``a#b`` ids, ``+id`` appends to a list or updates a dict), exactly as ``--config_file "[a, b]"``
   merges files. A template without ``"_base_"`` is an override file (``evaluate.json``, ``finetune.json``,
   ...), layered on ``train.json`` at run time, and is rendered as it is;
-* ``metadata.json`` (filled from the scenario), ``logging.conf``, ``LICENSE``, ``models_README.md``.
+* ``metadata.json`` (filled from the scenario), ``logging.conf``, ``LICENSE``, ``models_README.md``,
+  ``training_stability.md`` (copied to each bundle's ``docs/``).
 
 What is specific to a bundle is its ``bundles/<name>/scenario.json``:
 
@@ -29,7 +30,7 @@ What is specific to a bundle is its ``bundles/<name>/scenario.json``:
 * ``exclude``: template config files this bundle does not have (e.g. no source model: no ``finetune.json``);
 * ``synthetic``: the recipe of its synthetic stand-ins (:mod:`common.standins`; not rendered).
 
-Each bundle's ``docs/`` (README.md, data_license.txt) is written by hand. The rendered files are committed, so
+Each bundle's ``docs/`` (README.md, data_license.txt) is written by hand, but for ``docs/training_stability.md``. The rendered files are committed, so
 that MONAI Label, ``ckpt_export`` and ``monai.bundle download`` find complete, model-zoo-shaped bundles;
 ``tests/test_bundles.py`` fails when a committed file differs from what this tool renders (``--check``).
 
@@ -59,7 +60,8 @@ BASE_KEY = "_base_"
 #: The JSON schema the rendered metadata.json files are verified against (tests/test_bundles.py); not rendered.
 SCHEMA_FILE = "metadata_schema.json"
 #: Template files copied verbatim: template name -> path in the bundle.
-VERBATIM = {"logging.conf": "configs/logging.conf", "LICENSE": "LICENSE", "models_README.md": "models/README.md"}
+VERBATIM = {"logging.conf": "configs/logging.conf", "LICENSE": "LICENSE", "models_README.md": "models/README.md",
+            "training_stability.md": "docs/training_stability.md"}
 MODALITY_FORMAT = {"CT": "hounsfield", "MR": "magnitude"}
 
 if REPO_ROOT not in sys.path:

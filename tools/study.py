@@ -34,8 +34,9 @@ from common.transforms import ABDOMEN_CT_WINDOW  # noqa: E402
 #: the bundle's defaults is listed in the report. Why these values (docs/benchmarks.md, "Quick study"): a training
 #: step of the 14-channel network costs 0.37 s at 16^3 and 2.2 s at 32^3 on one core of an AVX2 CPU in float32,
 #: 0.11 s at 16^3 in bf16 on one core of an AMX CPU (9x its float32 step); at 4 mm the synthetic volumes (96 mm across) are 24^3, so a 16^3
-#: block holds most of the organ; at the paper's lr 1e-4 the network needs thousands of steps, 3e-4 is the fastest
-#: rate that stays stable (1e-3 ends at all-background); the noise augmentation is 0.005 of the normalised range
+#: block holds most of the organ; at the paper's lr 1e-4 the network needs thousands of steps; at 3e-4 the runs are
+#: stable with the bundles' warm-up and logit bound (without them 3 of 10 float32 R.I. runs collapsed; at 1e-3 3 of
+#: 10 collapsed even with the warm-up: docs/benchmarks.md, "Training collapse"); the noise augmentation is 0.005 of the normalised range
 #: (2 HU in the abdominal window) instead of 0.02, which the few steps of a quick run cannot average out.
 QUICK = {
     "block_size": [16, 16, 16],
@@ -49,9 +50,15 @@ QUICK = {
     "val_interval": 1,
     "checkpoint_interval": 25,
     "n_val": 1,
-    # bf16 autocast where the CPU computes bf16 natively (5.4x the float32 step on such a CPU, docs/benchmarks.md);
-    # float32 elsewhere (emulated bf16 is slower)
-    "speed#amp": "$@gpu or common.execution.cpu_bf16_native()",
+    # bf16 autocast where the CPU computes bf16 natively and its bf16 convolutions pass a known-answer check (9x the
+    # float32 step on an AMX CPU, docs/benchmarks.md); float32 elsewhere (emulated bf16 is slower, and the bf16 weight
+    # gradients of torch 2.13's oneDNN on an AMD Zen 4 are wrong at 2^3 voxels)
+    "speed#amp": "$@gpu or common.execution.cpu_bf16_usable()",
+    # float32 convolutions through oneDNN on a CPU (torch picks its slower native kernel at 16^3 blocks, batch 1):
+    # the step 0.21 s instead of 0.25 s (common.execution.onednn_convolutions)
+    "speed#onednn_conv": True,
+    # training batches as plain tensors (MONAI's metadata is not used by a training step): 0.230 s a step against 0.243
+    "speed#strip_meta": True,
 }
 QUICK_PRETRAIN = {"max_epochs": 8}
 #: ``--quick``: the representation analyses forward each network (every snapshot of the evolution runs) through
