@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from _bench import device_name
     from common.standins import read_recipe, stand_in_overrides
 
     bundle = args.bundle if os.path.isdir(args.bundle) else os.path.join(ROOT, "bundles", args.bundle)
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"iterations, test DSC {r['final_dsc']:.3f} (best {r['best_dsc']:.3f}), {r['seconds']:.0f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
     result = {"settings": {**vars(args), "overrides": {k: v for k, v in overrides.items() if k not in ("dataset_dir", "dataset_options")}},
-              "cpu": _cpu(), "seconds": time.perf_counter() - t0, "summary": summarize(records),
+              "cpu": device_name("cpu"), "seconds": time.perf_counter() - t0, "summary": summarize(records),
               "runs": sorted(records, key=lambda r: (r["mode"], r["precision"], r["seed"]))}  # fmt: skip
     text = json.dumps(result, indent=1, default=str)
     if args.out:
@@ -232,19 +233,6 @@ def main(argv: list[str] | None = None) -> int:
             f.write(text)
     print(json.dumps({"summary": result["summary"], "cpu": result["cpu"], "seconds": result["seconds"]}, indent=1))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
